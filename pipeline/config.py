@@ -1,0 +1,330 @@
+"""Typed configuration: nested dataclasses <- YAML preset <- command-line overrides.
+
+The resolved `Config` is validated before any process starts training, written to
+`RUN_DIR/config.yaml`, logged to the tracker and saved inside every checkpoint.
+
+Command-line overrides use the dotted field path, e.g. ``--model.codebook_size 1024``
+or ``--optim.lr 3e-4``; the common ones also have short aliases (``--model``,
+``--arch``, ``--batch-size``, ``--max-steps``, ...; see `pipeline train --help`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .utils import PipelineError
+
+MODELS = ("ae", "vae", "vqvae")
+ARCHS = ("basic", "resnet")
+QUANTIZERS = ("vq", "fsq")
+
+
+@dataclass
+class ModelConfig:
+    """What the network is. Saved with every export; `from_pretrained` rebuilds from it."""
+    model: str = "ae"                 # ae | vae | vqvae: the bottleneck
+    arch: str = "basic"               # basic | resnet: encoder/decoder family
+    image_size: int = 64
+    in_channels: int = 3
+    # basic family (the seed notebook): four stride-2 convs, so the latent is 4x4.
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    # resnet family: channels * channel_mult[i] per level; downsample = 2 ** (len(mult) - 1)
+    channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 2
+    attention: bool = True            # self-attention at the lowest resolution
+    num_groups: int = 32              # GroupNorm groups (clipped to divide the width)
+    downsample: int = 4               # f: 64 / f is the latent side (4, 8 or 16)
+    # bottleneck
+    latent_channels: int = 512        # C of the latent (AE basic: must equal widths[-1])
+    logvar_clamp: tuple[float, float] = (-30.0, 20.0)  # VAE log-variance clamp
+    quantizer: str = "vq"             # vq | fsq (vqvae only)
+    codebook_size: int = 512          # K
+    code_dim: int = 64                # D (vq); fsq uses len(fsq_levels)
+    codebook_ema: bool = True         # learn codes by EMA (True) or by codebook loss
+    ema_decay: float = 0.99
+    l2_normalize_codes: bool = False
+    dead_code_threshold: float = 1.0  # EMA cluster size below which a code is restarted
+    usage_window: int = 100           # steps in the sliding window of code usage
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 6, 5])
+
+    @property
+    def latent_side(self) -> int:
+        if self.arch == "basic":
+            return self.image_size // 2 ** len(self.widths)
+        return self.image_size // self.downsample
+
+
+@dataclass
+class LossConfig:
+    recon: str = "l1"                 # l1 | mse, on images in [-1, 1], mean over pixels
+    # KL convention: summed over latent elements, averaged over the batch (nats per image),
+    # then divided by the number of pixel values (3*64*64) so beta is comparable to the
+    # per-pixel reconstruction loss. Logged as `kl` (nats/image) and `kl_weighted`.
+    kl_weight: float = 1.0            # beta
+    kl_warmup_steps: int = 0          # beta ramps linearly from 0 over these steps
+    commitment_weight: float = 0.25   # VQ beta
+    codebook_weight: float = 1.0      # only used when codebook_ema is False
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""            # shard spec: dir with manifest, brace pattern, URL list
+    val_shards: str = ""
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    flip: bool = True                 # random horizontal flip (training only)
+    val_samples: int = 256            # fixed val subset for the periodic validation loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0            # max global grad norm; 0 disables
+    ema: bool = False                 # keep an EMA of the weights (exported when on)
+    ema_decay: float = 0.999
+
+
+@dataclass
+class TrackerConfig:
+    tracker: str = "wandb"            # wandb | tensorboard | none
+    project: str = "ae-pipeline"
+    entity: str | None = None
+    run_name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/default"      # RUN_DIR
+    max_steps: int = 1000
+    batch_size: int = 64              # per device
+    grad_accum: int = 1
+    mixed_precision: str = "no"       # no | bf16 | fp16
+    compile: bool = False
+    channels_last: bool = False
+    sync_bn: bool = False
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 200
+    image_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 3
+    resume: str | None = None         # None | auto | path to step-<N>/
+    nan_policy: str = "stop"          # stop | skip
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+def from_dict(cls, data: dict[str, Any] | None, where: str = "config"):
+    """Build dataclass `cls` from a (possibly partial) dict; unknown keys are an error."""
+    data = data or {}
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PipelineError(f"unknown field(s) {', '.join(unknown)} in {where}; "
+                            f"valid fields: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Coerce YAML/CLI values to the field type (tuples from lists, ints to floats...)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise PipelineError(f"{where} expects a list, got {value!r}")
+        elem = args[0] if args else str
+        out = [_coerce(v, elem, where) for v in value]
+        return tuple(out) if origin is tuple else out
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return low in ("1", "true", "yes", "on")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except ValueError:
+        raise PipelineError(f"{where} expects {getattr(hint, '__name__', hint)}, "
+                            f"got {value!r}") from None
+    return value
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A YAML preset: a file path, or a name shipped in pipeline/presets/ (e.g. `vqvae`)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text = path.read_text()
+    else:
+        preset = resources.files("pipeline") / "presets" / f"{name_or_path}.yaml"
+        if not preset.is_file():
+            raise PipelineError(f"config {name_or_path!r} is neither a YAML file nor a preset; "
+                                f"presets: {', '.join(list_presets())}")
+        text = preset.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"config {name_or_path} must be a YAML mapping")
+    return data
+
+
+def list_presets() -> list[str]:
+    folder = resources.files("pipeline") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- command line
+
+def add_config_arguments(parser: argparse.ArgumentParser, aliases: dict[str, str]) -> None:
+    """One `--section.field` option per config field, plus short aliases.
+
+    `aliases` maps a short flag (e.g. ``--max-steps``) to a dotted path
+    (``train.max_steps``). Values are kept as strings and coerced by `from_dict`.
+    """
+    group = parser.add_argument_group("config fields (override the preset)")
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(typing.get_type_hints(Config)[section.name]):
+            dotted = f"{section.name}.{f.name}"
+            flags = [f"--{dotted}"] + [a for a, d in aliases.items() if d == dotted]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            group.add_argument(*flags, dest=dotted, default=None, metavar="V",
+                               help=f"default: {default}")
+
+
+def build_config(preset: str | None, args: argparse.Namespace,
+                 defaults: dict[str, Any] | None = None) -> Config:
+    """Dataclass defaults <- `defaults` <- preset <- command-line values, then validate."""
+    data = merge({}, defaults or {})
+    if preset:
+        data = merge(data, load_preset(preset))
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            set_dotted(data, key, value)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Catch configs that cannot work before any process starts; say what to change."""
+    m = cfg.model
+    if m.model not in MODELS:
+        raise PipelineError(f"unknown --model {m.model!r}; choose one of {', '.join(MODELS)}")
+    if m.arch not in ARCHS:
+        raise PipelineError(f"unknown --arch {m.arch!r}; choose one of {', '.join(ARCHS)}")
+    if m.quantizer not in QUANTIZERS:
+        raise PipelineError(f"unknown --model.quantizer {m.quantizer!r}; "
+                            f"choose one of {', '.join(QUANTIZERS)}")
+    if m.arch == "basic":
+        side = m.image_size / 2 ** len(m.widths)
+        if side < 1 or not side.is_integer():
+            raise PipelineError(f"--model.widths {m.widths} halves {m.image_size}px "
+                                f"{len(m.widths)} times: the latent side would be {side}; "
+                                f"use at most {int(math.log2(m.image_size))} widths")
+        if m.model == "ae" and m.latent_channels != m.widths[-1]:
+            raise PipelineError(f"the basic AE's latent is its last encoder width "
+                                f"({m.widths[-1]}); set --model.latent_channels "
+                                f"{m.widths[-1]} or change --model.widths")
+    else:
+        if m.downsample not in (2, 4, 8, 16, 32) or m.image_size % m.downsample:
+            raise PipelineError(f"--model.downsample {m.downsample} does not fit "
+                                f"{m.image_size}px images; use 4, 8 or 16")
+        expected = int(math.log2(m.downsample)) + 1
+        if len(m.channel_mult) != expected:
+            raise PipelineError(f"--model.channel_mult {m.channel_mult} has "
+                                f"{len(m.channel_mult)} levels but downsample {m.downsample} "
+                                f"needs {expected} (one per resolution)")
+    if m.model == "vqvae" and m.quantizer == "vq" and m.codebook_size < 2:
+        raise PipelineError("--model.codebook_size must be at least 2")
+    if m.model == "vqvae" and m.quantizer == "fsq" and any(l < 2 for l in m.fsq_levels):
+        raise PipelineError(f"--model.fsq_levels {m.fsq_levels}: every level must be >= 2")
+    if cfg.loss.recon not in ("l1", "mse"):
+        raise PipelineError(f"--loss.recon {cfg.loss.recon!r}: choose l1 or mse")
+    t = cfg.train
+    if t.mixed_precision not in ("no", "bf16", "fp16"):
+        raise PipelineError(f"--mixed-precision {t.mixed_precision!r}: choose no, bf16 or fp16")
+    if t.nan_policy not in ("stop", "skip"):
+        raise PipelineError(f"--train.nan_policy {t.nan_policy!r}: choose stop or skip")
+    if cfg.tracker.tracker not in ("wandb", "tensorboard", "none"):
+        raise PipelineError(f"--tracker {cfg.tracker.tracker!r}: choose wandb, tensorboard "
+                            f"or none")
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "val_every",
+                 "image_every", "ckpt_every", "keep_last"):
+        if getattr(t, name) < 1:
+            raise PipelineError(f"--train.{name} must be >= 1, got {getattr(t, name)}")

@@ -1,0 +1,149 @@
+"""Small shared helpers: atomic writes, strict JSON, CPU count, provenance.
+
+Every stage writes shards, manifests, checkpoints and metrics through these so that a
+crash at any moment leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class PipelineError(Exception):
+    """A user-facing error: the message says what is wrong and what to do.
+
+    The CLI prints it without a traceback and exits with status 2.
+    """
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def _tmp_name(path: Path) -> Path:
+    # Same directory as the target so that os.replace is a rename, not a copy.
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_strict_json(obj: Any) -> Any:
+    """Replace NaN/inf floats by None (recursively) so json.dumps(allow_nan=False) works."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_strict_json(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return to_strict_json(obj.item())  # numpy / torch scalars
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(to_strict_json(obj), indent=indent, allow_nan=False, sort_keys=False)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, dumps_json(obj) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `final` by rename.
+
+    On error the temporary directory is removed and `final` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        # Move the old one aside first: rename onto a non-empty directory fails.
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- environment
+
+def available_cpus() -> int:
+    """Cores this process may use: SLURM's allocation, else CPU affinity, else os.cpu_count().
+
+    On a shared cluster node os.cpu_count() reports the whole machine, which would
+    oversubscribe the cores SLURM actually gave this job.
+    """
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """The commit of the source tree this package runs from, or None outside git."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    names = ["ae-pipeline", "torch", "torchvision", "accelerate", "webdataset", "wandb",
+             "einops", "torchmetrics", "numpy", "pillow", "safetensors"]
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def provenance() -> dict[str, Any]:
+    """What produced an artifact: git commit and package versions."""
+    return {"git_commit": git_commit(), "versions": package_versions()}
