@@ -71,6 +71,9 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    def tell(self) -> int:
+        return self.n
+
     def write(self, b) -> int:
         self.h.update(b)
         self.n += len(b)
