@@ -314,6 +314,13 @@ def validate(cfg: Config) -> None:
         raise PipelineError("--model.codebook_size must be at least 2")
     if m.model == "vqvae" and m.quantizer == "fsq" and any(l < 2 for l in m.fsq_levels):
         raise PipelineError(f"--model.fsq_levels {m.fsq_levels}: every level must be >= 2")
+    if m.model == "vqvae" and m.quantizer == "vq":
+        if not 0.0 <= m.ema_decay < 1.0:
+            raise PipelineError(f"--model.ema_decay {m.ema_decay} must be in [0, 1)")
+        if m.dead_code_threshold < 0:
+            raise PipelineError("--model.dead_code_threshold must be >= 0")
+    if m.usage_window < 1:
+        raise PipelineError("--model.usage_window must be >= 1")
     if cfg.loss.recon not in ("l1", "mse"):
         raise PipelineError(f"--loss.recon {cfg.loss.recon!r}: choose l1 or mse")
     t = cfg.train

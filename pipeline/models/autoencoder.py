@@ -1,0 +1,67 @@
+"""`AutoEncoder`: encoder -> bottleneck -> decoder, the one model class of the package."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .bottleneck import Bottleneck
+
+
+class ModelOutput(NamedTuple):
+    recon: Tensor             # B×3×H×W, same range as the input ([-1, 1])
+    terms: dict[str, Tensor]  # raw bottleneck loss terms: kl | commitment, codebook
+    stats: dict[str, Tensor]  # detached: indices, kl_per_image, usage, perplexity, ...
+
+
+class AutoEncoder(nn.Module):
+    """Images in [-1, 1] -> latent -> reconstruction.
+
+    The family (`--arch`) supplies encoder and decoder, the bottleneck (`--model`)
+    decides what the latent is and which loss terms come with it.
+    """
+
+    def __init__(self, config: ModelConfig, encoder: nn.Module, bottleneck: Bottleneck,
+                 decoder: nn.Module):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.bottleneck = bottleneck
+        self.decoder = decoder
+
+    @property
+    def kind(self) -> str:
+        return self.config.model
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latent that `encode` returns and `decode` accepts."""
+        side = self.config.latent_side
+        return (self.bottleneck.latent_channels, side, side)
+
+    @property
+    def bits_per_image(self) -> float | None:
+        """Size of the discrete code of one image (VQ: h·w·log2 K); None for AE/VAE."""
+        bits = self.bottleneck.bits_per_position
+        _, height, width = self.latent_shape
+        return None if bits is None else height * width * bits
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        z, terms, stats = self.bottleneck(self.encoder(x))
+        return ModelOutput(self.decoder(z), terms, stats)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """AE: z; VAE: the mean in eval mode, a sample in train mode; VQ/FSQ: the codes."""
+        return self.bottleneck.encode(self.encoder(x))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Decode n draws from the prior (VAE only). Call in eval mode: BatchNorm layers
+        in train mode would normalise the samples by their own statistics."""
+        device = next(self.parameters()).device
+        z = self.bottleneck.sample_prior((n, *self.latent_shape), generator, device)
+        return self.decode(z)
