@@ -1,0 +1,196 @@
+"""`pipeline bench load`: samples/s of the streaming loader per worker, per image format.
+
+For each format it measures, one stage added at a time, so the loader's own overhead
+is visible next to the bare decode rate:
+  decode          decode_image over in-memory samples (the ceiling)
+  read            the lean tar reader alone (no decode)
+  read+decode     lean reader + decode, one process
+  webdataset      webdataset's generic tarfile pipeline + the same decode, one process
+  loader 1w       make_loader(mode="train") with 1 worker: shuffle buffer, batching, IPC
+  loader 2w       the same with 2 workers (total and per worker)
+Shards are written to a temporary directory (natural-looking 64x64 content: smooth
+colour fields plus texture, ~9 KB as PNG) unless --shards points at existing ones.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.data import decode_image, make_loader, open_shard, resolve_spec
+from pipeline.shards import iter_samples, shard_name, write_manifest, write_shard
+from pipeline.utils import PipelineError, available_cpus, dumps_json
+
+# What the issue asks of the loader, per worker process.
+TARGETS = {"png": 6000, "npy": 30000}
+DISTINCT_IMAGES = 256  # encoded once and cycled: decode cost does not depend on repeats
+
+
+def natural_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """Smooth colour regions plus fine texture: compresses like a downscaled photo (~9 KB PNG)."""
+    coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32)
+    texture = rng.normal(0, 10, (size, size, 1)) + rng.normal(0, 4, (size, size, 3))
+    return np.clip(smooth + texture, 0, 255).astype(np.uint8)
+
+
+def encode(image: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "npy":
+        np.save(buffer, image)
+    else:
+        Image.fromarray(image).save(buffer, format=fmt.replace("jpg", "jpeg").upper())
+    return buffer.getvalue()
+
+
+def write_bench_shards(root: Path, fmt: str, num_samples: int, shard_size: int = 1000) -> Path:
+    """A split directory of `num_samples` samples in `fmt`, with a manifest."""
+    rng = np.random.default_rng(0)
+    pool = [encode(natural_image(rng), fmt) for _ in range(DISTINCT_IMAGES)]
+    split = root / fmt
+    shards = []
+    for index, start in enumerate(range(0, num_samples, shard_size)):
+        samples = ((f"bench_{i:07d}", {fmt: pool[i % len(pool)], "cls": str(i % 10).encode(),
+                                       "json": json.dumps({"wnid": f"n{i % 10:08d}"}).encode()})
+                   for i in range(start, min(start + shard_size, num_samples)))
+        shards.append(write_shard(split / shard_name("bench", index), samples).to_dict())
+    write_manifest(split, {"format": "ae-pipeline-shards/1", "split": "bench",
+                           "num_samples": num_samples, "image_size": 64, "image_format": fmt,
+                           "classes": [f"n{i:08d}" for i in range(10)], "shards": shards})
+    return split
+
+
+def rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds > 0 else float("inf")
+
+
+def timed(samples: Iterable, limit: int, work: Callable | None = None) -> float:
+    """Samples/s of consuming `limit` items from `samples`, each passed through `work`."""
+    done, start = 0, time.perf_counter()
+    for sample in itertools.islice(samples, limit):
+        if work is not None:
+            work(sample)
+        done += 1
+    return rate(done, time.perf_counter() - start)
+
+
+def lean_samples(urls: Iterable[str]):
+    for url in urls:
+        with open_shard(url) as stream:
+            yield from iter_samples(stream)
+
+
+def webdataset_samples(urls: list[str]):
+    import webdataset as wds
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node)
+    return ({k: v for k, v in s.items() if not k.startswith("__")} for s in dataset)
+
+
+def loader_rate(spec: str, num_workers: int, num_samples: int, batch_size: int) -> float:
+    """Train-mode samples/s after the first batch (worker start-up is not throughput)."""
+    batches = iter(make_loader(spec, batch_size, mode="train", num_workers=num_workers, seed=0))
+    next(batches)
+    count, start = 0, time.perf_counter()
+    for images, _, _ in batches:
+        count += len(images)
+        if count >= num_samples:
+            break
+    return rate(count, time.perf_counter() - start)
+
+
+def measure(spec: str, num_samples: int, batch_size: int, progress: tqdm) -> dict:
+    urls = list(resolve_spec(spec, allow_pipe=True).urls)
+    in_memory = [members for _, members in itertools.islice(lean_samples(urls), 1000)]
+    fmt = next(ext for ext in ("png", "npy", "webp", "jpg") if ext in in_memory[0])
+    stages: dict[str, Callable[[], float]] = {
+        "decode": lambda: timed(itertools.cycle(in_memory), num_samples, decode_image),
+        "read": lambda: timed(lean_samples(urls), num_samples),
+        "read_decode": lambda: timed(lean_samples(urls), num_samples, lambda s: decode_image(s[1])),
+        "webdataset_read_decode": lambda: timed(webdataset_samples(urls), num_samples,
+                                                decode_image),
+        "loader_1_worker": lambda: loader_rate(spec, 1, num_samples, batch_size),
+        "loader_2_workers": lambda: loader_rate(spec, 2, num_samples, batch_size),
+    }
+    result: dict = {"format": fmt, "sample_bytes": round(float(np.mean(
+        [sum(len(v) for v in members.values()) for members in in_memory])))}
+    for name, stage in stages.items():
+        progress.set_postfix_str(f"{fmt}: {name}")
+        result[name] = stage()
+        progress.update()
+    result["loader_2_workers_per_worker"] = round(result["loader_2_workers"] / 2, 1)
+    result["target_per_worker"] = TARGETS.get(fmt)
+    return result
+
+
+def print_table(report: dict) -> None:
+    columns = [("decode", "decode"), ("read", "read"), ("read_decode", "read+decode"),
+               ("webdataset_read_decode", "webdataset"), ("loader_1_worker", "loader 1w"),
+               ("loader_2_workers", "loader 2w"), ("loader_2_workers_per_worker", "2w/worker"),
+               ("target_per_worker", "target")]
+    print(f"samples/s ({report['samples']} samples a stage, batch {report['batch_size']}, "
+          f"{report['cpus']} CPUs, load average {report['load_average']})")
+    print(f"{'format':<8}{'bytes':>8}" + "".join(f"{title:>13}" for _, title in columns))
+    for fmt, row in report["formats"].items():
+        cells = "".join(f"{row[key]:>13,.0f}" if row[key] is not None else f"{'-':>13}"
+                        for key, _ in columns)
+        print(f"{fmt:<8}{row['sample_bytes']:>8}{cells}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline bench load", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", action="append", metavar="SPEC",
+                        help="measure these shards (split directory, brace pattern or URL list; "
+                             "repeatable) instead of writing temporary PNG and npy shards")
+    parser.add_argument("--formats", default="png,npy",
+                        help="formats of the temporary shards, comma-separated (png, npy, webp, "
+                             "jpg; default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=10000,
+                        help="samples written per format and consumed per stage "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="loader batch size (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of the table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.samples < args.batch_size * 2:
+        raise PipelineError(f"--samples {args.samples} must be at least twice --batch-size "
+                            f"{args.batch_size} to time the loader after its first batch")
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        specs = args.shards or [str(write_bench_shards(Path(tmp), fmt.strip(), args.samples))
+                                for fmt in args.formats.split(",")]
+        with tqdm(total=6 * len(specs), desc="bench load", unit="stage", file=sys.stderr,
+                  disable=None) as progress:
+            results = [measure(spec, args.samples, args.batch_size, progress) for spec in specs]
+    formats: dict[str, dict] = {}
+    for index, result in enumerate(results):
+        fmt = result.pop("format")
+        formats[fmt if fmt not in formats else f"{fmt}#{index}"] = result
+    # Rates are wall-clock: on a shared machine (load above the CPU count) they are lower bounds.
+    report = {"samples": args.samples, "batch_size": args.batch_size, "cpus": available_cpus(),
+              "load_average": round(os.getloadavg()[0], 2), "formats": formats}
+    if args.json:
+        print(dumps_json(report, indent=None))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_stage
+    sys.exit(run_stage(main, sys.argv[1:]))

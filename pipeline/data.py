@@ -1,0 +1,654 @@
+"""Streaming shard loader: uint8 image batches for training (endless) and evaluation (exactly once).
+
+One owner of sharding: this loader splits the shards by rank and by DataLoader worker
+itself, so it must never be passed to `accelerator.prepare` (which would split the
+stream a second time). Rank and world size are passed in or read from
+`torch.distributed`, then from the RANK/WORLD_SIZE environment variables.
+
+Train mode is an endless stream per (rank, worker): round r of stream s reads one shard
+chosen by a seeded shuffle of ALL shards (a fresh order every pass), through a shuffle
+buffer that is drained at the end of each round. Every stream sees every shard, so no
+rank or worker runs dry, even with fewer shards than ranks x workers, and the trainer's
+step count alone decides the end. Because a round's content depends only on
+(seed, stream, round), resuming at a batch index skips whole rounds by arithmetic on the
+manifest's per-shard counts and decodes nothing it skips.
+
+Eval mode yields every sample exactly once across all ranks and workers ("slots"):
+shards round-robin over slots when there are enough of them, otherwise every slot reads
+all shards and keeps the samples whose global index falls on it. A corrupt shard or
+sample is skipped with a ShardWarning and counted, so `num_seen + num_skipped` summed
+over ranks equals the manifest's count (or it raises, with on_error="raise").
+
+Images stay uint8 until `normalize` runs on the device, so host-to-device copies are
+a quarter of the size of float32 ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import itertools
+import math
+import os
+import random
+import re
+import warnings
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen, gopen_schemes
+
+from .shards import (IMAGE_EXTS, MANIFEST_NAME, TarFormatError, iter_samples, manifest_path,
+                     read_manifest)
+from .utils import PipelineError
+
+try:  # deprecated since torchvision 0.29 in favour of TorchCodec, but ~1.3x faster than PIL here
+    from torchvision.io import ImageReadMode, decode_png
+except ImportError:  # a torchvision without it: PNG falls back to PIL
+    decode_png = None
+
+MODES = ("train", "eval")
+ON_ERROR = ("warn", "raise")
+Spec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+class ShardWarning(RuntimeWarning):
+    """A corrupt shard or sample was skipped (and counted in `num_skipped`)."""
+
+
+# ---------------------------------------------------------------- shard specs
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Resolved shard URLs, with per-shard sample counts when a manifest gives them."""
+    urls: tuple[str, ...]
+    counts: tuple[int, ...] | None
+    manifest: dict[str, Any] | None
+
+    @property
+    def total(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_COMMA_OUTSIDE_BRACES = re.compile(r",(?![^{]*})")
+
+
+def _scheme(url: str) -> str:
+    return urlparse(url).scheme if _URL_SCHEME.match(url) else ""
+
+
+def _split_spec_string(text: str) -> list[str]:
+    """`a.tar,b-{0..3}.tar c.tar::pipe:cat d.tar` -> patterns; `pipe:` commands keep spaces."""
+    items = []
+    for chunk in text.split("::"):
+        for part in (p.strip() for p in _COMMA_OUTSIDE_BRACES.split(chunk)):
+            items += [part] if part.startswith("pipe:") else part.split()
+    return items
+
+
+def _spec_items(spec: Spec) -> list[str]:
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        # An existing path is taken whole, even if it contains spaces or commas.
+        items = [text] if os.path.exists(text) else _split_spec_string(text)
+    else:  # a list: each element is one URL or brace pattern, taken verbatim
+        items = [os.fspath(item) for item in spec]
+    if not items:
+        raise PipelineError("empty shard spec: give a split directory, a brace pattern "
+                            "like dir/train-{000000..000009}.tar, or a list of shard URLs")
+    return items
+
+
+def _is_local_split(item: str) -> bool:
+    if _scheme(item):
+        return False
+    path = Path(item)
+    return path.is_dir() or (path.name == MANIFEST_NAME and path.is_file())
+
+
+def _check_manifest_entry(name: Any, manifest_file: Path) -> str:
+    """A manifest is data: its shard names must be plain relative file names, never commands."""
+    if (not isinstance(name, str) or not name or _URL_SCHEME.match(name)
+            or Path(name).is_absolute() or ".." in Path(name).parts):
+        raise PipelineError(f"shard manifest {manifest_file} lists shard {name!r}, which is not a "
+                            f"plain file name in its directory; manifest entries are never opened "
+                            f"as URLs or run as commands: regenerate the manifest with "
+                            f"`pipeline prepare`")
+    return name
+
+
+def _from_manifest(location: str) -> ShardSet:
+    manifest = read_manifest(location)
+    manifest_file = manifest_path(location).resolve()
+    urls, counts = [], []
+    for entry in manifest["shards"]:
+        shard = manifest_file.parent / _check_manifest_entry(entry.get("name"), manifest_file)
+        if not shard.is_file():
+            raise PipelineError(f"shard {shard} listed in {manifest_file} is missing: "
+                                f"re-run `pipeline prepare` or restore the file")
+        # Absolute paths: an entry can never be mistaken for a URL when opened.
+        urls.append(str(shard))
+        counts.append(int(entry["num_samples"]))
+    if not urls:
+        raise PipelineError(f"shard manifest {manifest_file} lists no shards")
+    return ShardSet(tuple(urls), tuple(counts), manifest)
+
+
+def _neighbour_manifest(urls: list[str]) -> ShardSet:
+    """Local shards that all sit beside one manifest.json take their counts from it."""
+    parents = {Path(url).resolve().parent for url in urls if not _scheme(url)}
+    if len(parents) != 1 or any(_scheme(url) for url in urls):
+        return ShardSet(tuple(urls), None, None)
+    manifest_file = parents.pop() / MANIFEST_NAME
+    if not manifest_file.is_file():
+        return ShardSet(tuple(urls), None, None)
+    manifest = read_manifest(manifest_file)
+    listed = {entry.get("name"): int(entry["num_samples"]) for entry in manifest["shards"]}
+    names = [Path(url).name for url in urls]
+    unlisted = [name for name in names if name not in listed]
+    if unlisted:
+        warnings.warn(f"{manifest_file} does not list {', '.join(unlisted[:3])}: ignoring it, so "
+                      f"sample counts (and eval totals) are unknown", ShardWarning, stacklevel=3)
+        return ShardSet(tuple(urls), None, None)
+    return ShardSet(tuple(urls), tuple(listed[name] for name in names), manifest)
+
+
+def _check_url(url: str, spec: Spec, allow_pipe: bool) -> None:
+    scheme = _scheme(url)
+    if scheme == "pipe" and not allow_pipe:
+        raise PipelineError(f"shard spec {spec!r} contains the command {url!r}, but pipe: URLs "
+                            f"are not allowed here (allow_pipe=False)")
+    if not scheme and not Path(url).is_file():
+        raise PipelineError(f"shard file {url} does not exist (from shard spec {spec!r})")
+    if not _opened_by_webdataset(scheme):
+        try:
+            import fsspec  # noqa: F401
+        except ImportError:
+            raise PipelineError(f"reading {url} needs fsspec: "
+                                f"pip install 'ae-pipeline[s3]'") from None
+
+
+def resolve_spec(spec: Spec, allow_pipe: bool = True) -> ShardSet:
+    """Turn a shard spec (split directory, manifest, brace pattern, URL list) into a ShardSet."""
+    items = _spec_items(spec)
+    if len(items) == 1 and _is_local_split(items[0]):
+        return _from_manifest(items[0])
+    urls = [url for item in items for url in braceexpand(item)]
+    for url in urls:
+        _check_url(url, spec, allow_pipe)
+    return _neighbour_manifest(urls)
+
+
+# ---------------------------------------------------------------- opening and decoding
+
+def _opened_by_webdataset(scheme: str) -> bool:
+    return scheme in ("", "file") or scheme in gopen_schemes
+
+
+def open_shard(url: str) -> BinaryIO:
+    """Open a shard URL with webdataset's semantics (local path, file:, pipe:, http...);
+    schemes webdataset does not know (s3://, az://, memory://) go through fsspec."""
+    if _opened_by_webdataset(_scheme(url)):
+        return gopen(url, "rb")
+    import fsspec
+    return fsspec.open(url, "rb").open()
+
+
+@functools.lru_cache(maxsize=32)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int, bool]:
+    """Parse an .npy header dict once: every sample of a shard repeats the same header."""
+    import ast
+    meta = ast.literal_eval(header.decode("latin1"))
+    shape = tuple(meta["shape"])
+    return np.dtype(meta["descr"]), shape, math.prod(shape), bool(meta["fortran_order"])
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    # np.load re-parses the header with a Python-level reader on every call (~41k/s cap).
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy file")
+    start = 10 if data[6] == 1 else 12  # format 1.0 has a 2-byte header length, later 4
+    end = start + int.from_bytes(data[8:start], "little")
+    dtype, shape, count, fortran = _npy_layout(data[start:end])
+    if dtype != np.uint8:
+        raise ValueError(f".npy array has dtype {dtype}, expected uint8")
+    array = np.frombuffer(data, dtype=np.uint8, count=count, offset=end)
+    array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    if array.ndim == 2:
+        return np.broadcast_to(array, (3, *array.shape))
+    if array.ndim != 3 or 3 not in (array.shape[0], array.shape[2]):
+        raise ValueError(f".npy array has shape {array.shape}, expected H x W x 3 or 3 x H x W")
+    return array.transpose(2, 0, 1) if array.shape[2] == 3 else array
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    image = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    if image.dtype != torch.uint8:
+        raise ValueError(f"{image.dtype} PNG: shards hold 8-bit images")
+    return image.numpy()
+
+
+def _decode_pil(data: bytes) -> np.ndarray:
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+
+
+_DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
+    "png": _decode_png if decode_png is not None else _decode_pil, "npy": _decode_npy,
+    "webp": _decode_pil, "jpg": _decode_pil}
+
+
+def decode_image(members: dict[str, bytes]) -> np.ndarray:
+    """The sample's image as a uint8 3 x H x W array (possibly a read-only or strided view:
+    collation copies it); raises if the sample has no image or it does not decode."""
+    for ext in IMAGE_EXTS:
+        if ext in members:
+            return _DECODERS[ext](members[ext])
+    raise ValueError(f"no image member (one of {', '.join(IMAGE_EXTS)}) in {sorted(members)}")
+
+
+# ---------------------------------------------------------------- worker side
+
+# A decoded sample: (image 3 x H x W, label, key, mirror it?)
+Sample = tuple[np.ndarray, int, str, bool]
+
+
+class _Batch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+
+
+class _WorkerReport(NamedTuple):
+    """A worker's last item: its skip count, or the error that stopped it.
+
+    Errors travel as data so the main process raises one clean PipelineError instead of
+    DataLoader's re-raised traceback text."""
+    skipped: int
+    error: str | None
+
+
+@dataclass
+class _WorkerState:
+    skipped: int = 0
+    image_size: int | None = None  # from the manifest, else fixed by the first image
+
+
+def _worker_slot() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle through a buffer of `buffer_size`, draining it when `items` ends."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        buffer[index], item = item, buffer[index]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _batched(samples: Iterator[Sample], batch_size: int) -> Iterator[_Batch]:
+    """Collate in the worker: one IPC message per batch instead of one per sample.
+
+    Stacking and flipping run in numpy on the whole batch: torch's uint8 permute and
+    flip copies cost several times more per image at 64x64. In a DataLoader worker the
+    batch is built in shared memory, which saves the copy that sending it would make."""
+    in_worker = get_worker_info() is not None
+    while chunk := list(itertools.islice(samples, batch_size)):
+        arrays, labels, keys, flips = zip(*chunk)
+        batch = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8)
+        if in_worker:
+            batch.share_memory_()
+        images = batch.numpy()
+        np.stack(arrays, out=images)
+        if any(flips):
+            mirrored = np.array(flips)
+            images[mirrored] = images[mirrored][..., ::-1]
+        yield _Batch(batch, torch.tensor(labels, dtype=torch.int64), list(keys))
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_order(seed: int, stream: int, pass_index: int, num_shards: int) -> tuple[int, ...]:
+    order = list(range(num_shards))
+    random.Random(f"order/{seed}/{stream}/{pass_index}").shuffle(order)
+    return tuple(order)
+
+
+def _samples_lost(read: int, limit: int | None, share: tuple[int, int, int] | None) -> int | None:
+    """This worker's samples after the first `read` of a shard (None: unknown count).
+
+    With `share=(slot, slots, start)` the worker owns only the global indices
+    `start + i` with `(start + i) % slots == slot`."""
+    if limit is None:
+        return None
+    if share is None:
+        return limit - read
+    slot, slots, start = share
+    first = start + read + (slot - start - read) % slots
+    return len(range(first, start + limit, slots))
+
+
+@dataclass
+class ShardStream(IterableDataset):
+    """The per-worker sample stream behind make_loader (see the module docstring)."""
+    shards: ShardSet
+    mode: str
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    start_batch: int = 0
+    shuffle_buffer: int = 2000
+    flip: bool = False
+    max_samples: int | None = None
+    on_error: str = "warn"
+    image_size: int | None = None
+    _state: _WorkerState = field(default_factory=_WorkerState, init=False, repr=False)
+
+    def __iter__(self) -> Iterator[_Batch | _WorkerReport]:
+        worker, num_workers = _worker_slot()
+        self._state = _WorkerState(image_size=self.image_size)
+        try:
+            if self.mode == "train":
+                yield from self._train_batches(worker, num_workers)
+            else:
+                slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
+                yield from _batched(self._eval_samples(slot, slots), self.batch_size)
+        except PipelineError as error:
+            yield _WorkerReport(self._state.skipped, str(error))
+            return
+        yield _WorkerReport(self._state.skipped, None)
+
+    # ------------------------------------------------ reading one shard
+
+    def _read(self, url: str, count: int | None, limit: int | None,
+              share: tuple[int, int, int] | None = None
+              ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        """(index in shard, key, members) up to `limit`; a read error ends the shard.
+
+        The samples a failing shard takes with it are counted as skipped (or the error
+        raises): all of the rest up to `limit`, or with `share=(slot, slots, start)` only
+        those whose global index `start + i` falls on this slot."""
+        index = 0
+        try:
+            with closing(open_shard(url)) as stream:
+                for key, members in iter_samples(stream):
+                    if index == limit:
+                        if limit == count:
+                            raise PipelineError(f"shard {url} holds more than the {count} samples "
+                                                f"its manifest lists: the manifest is stale, "
+                                                f"re-run `pipeline prepare`")
+                        return
+                    yield index, key, members
+                    index += 1
+            if limit is not None and index < limit:
+                raise TarFormatError(f"it ends after {index} samples; its manifest lists {count}")
+        except (OSError, ValueError, EOFError) as error:  # TarFormatError is a ValueError
+            self._fail(f"shard {url}", error, _samples_lost(index, limit, share))
+
+    def _fail(self, what: str, error: Exception, lost: int | None) -> None:
+        if self.on_error == "raise":
+            raise PipelineError(f"cannot read {what}: {error} "
+                                f"(on_error='warn' skips it)") from error
+        self._state.skipped += lost or 0
+        amount = "an unknown number of" if lost is None else str(lost)
+        warnings.warn(f"skipping {what}: {error}; {amount} samples lost", ShardWarning)
+
+    def _decode(self, url: str, key: str, members: dict[str, bytes],
+                flip: bool = False) -> Sample | None:
+        try:
+            image, label = decode_image(members), int(members["cls"])
+        except Exception as error:  # noqa: BLE001 - PIL, libpng and numpy raise many types
+            self._fail(f"sample {key} of shard {url}", error, 1)
+            return None
+        size = self._state.image_size or image.shape[-1]
+        self._state.image_size = size
+        if image.shape[-2:] != (size, size):
+            height, width = image.shape[-2:]
+            raise PipelineError(f"shard {url}: sample {key} is {height}x{width}, but this shard "
+                                f"set is {size}x{size}: mixed resolutions; "
+                                f"re-run `pipeline prepare` for this shard")
+        return image, label, key, flip
+
+    # ------------------------------------------------ train: endless, resumable
+
+    def _train_batches(self, worker: int, num_workers: int) -> Iterator[_Batch]:
+        # The DataLoader takes batch b from worker b % W. A resumed loader starts again
+        # at worker 0, so worker w plays the stream that produced batch start_batch + w.
+        stream = (self.start_batch + worker) % num_workers
+        own_batches_done = len(range(stream, self.start_batch, num_workers))
+        samples = self._train_samples(self.rank * num_workers + stream,
+                                      own_batches_done * self.batch_size)
+        return _batched(samples, self.batch_size)
+
+    def _round_shard(self, stream: int, round_index: int) -> int:
+        pass_index, position = divmod(round_index, len(self.shards.urls))
+        return _shard_order(self.seed, stream, pass_index, len(self.shards.urls))[position]
+
+    def _first_round(self, stream: int, skip: int) -> tuple[int, int]:
+        """Skip whole rounds by their sample counts: (first round to read, samples to drop)."""
+        counts = self.shards.counts or self._count_samples()
+        if sum(counts) == 0:
+            raise PipelineError(f"the shards {self.shards.urls[0]}... hold no samples")
+        round_index = 0
+        while skip >= counts[self._round_shard(stream, round_index)]:
+            skip -= counts[self._round_shard(stream, round_index)]
+            round_index += 1
+        return round_index, skip
+
+    def _count_samples(self) -> tuple[int, ...]:
+        # Without a manifest, resuming has to read (not decode) every shard once.
+        counts = []
+        for url in self.shards.urls:
+            with closing(open_shard(url)) as stream:
+                counts.append(sum(1 for _ in iter_samples(stream)))
+        return tuple(counts)
+
+    def _round(self, stream: int, round_index: int) -> tuple[str, Iterator[tuple[str, dict, bool]]]:
+        """Round r of a train stream: its shard's raw samples, shuffled, each with a flip draw.
+
+        Everything is seeded by (seed, stream, round) alone, so a resumed stream can
+        rebuild any round without knowing what came before it."""
+        shard = self._round_shard(stream, round_index)
+        url = self.shards.urls[shard]
+        count = None if self.shards.counts is None else self.shards.counts[shard]
+        shuffle_rng = random.Random(f"shuffle/{self.seed}/{stream}/{round_index}")
+        flip_rng = random.Random(f"flip/{self.seed}/{stream}/{round_index}")
+        raw = ((key, members) for _, key, members in self._read(url, count, count))
+        return url, ((key, members, self.flip and flip_rng.random() < 0.5)
+                     for key, members in _shuffled(raw, self.shuffle_buffer, shuffle_rng))
+
+    def _train_samples(self, stream: int, skip: int) -> Iterator[Sample]:
+        first_round, skip = self._first_round(stream, skip) if skip else (0, 0)
+        empty_rounds = 0
+        for round_index in itertools.count(first_round):
+            url, raw = self._round(stream, round_index)
+            produced = False
+            # Skipped samples still draw their flip, but are never decoded.
+            for key, members, flip in itertools.islice(raw, skip, None):
+                sample = self._decode(url, key, members, flip)
+                if sample is not None:
+                    produced = True
+                    yield sample
+            skip = 0
+            empty_rounds = 0 if produced else empty_rounds + 1
+            # 2N consecutive rounds contain one full pass over all N shards.
+            if empty_rounds >= 2 * len(self.shards.urls):
+                raise PipelineError(f"no readable sample in any of the {len(self.shards.urls)} "
+                                    f"shards (first: {self.shards.urls[0]}); see the warnings")
+
+    # ------------------------------------------------ eval: exactly once
+
+    def _eval_plan(self) -> list[tuple[str, int | None, int | None, int | None]]:
+        """(url, count, limit, global index of its first sample) of the shards to evaluate."""
+        counts = self.shards.counts
+        if counts is None:
+            return [(url, None, None, None) for url in self.shards.urls]
+        budget = self.max_samples if self.max_samples is not None else sum(counts)
+        plan, start = [], 0
+        for url, count in zip(self.shards.urls, counts):
+            if start >= budget:
+                break
+            plan.append((url, count, min(count, budget - start), start))
+            start += count
+        return plan
+
+    def _eval_samples(self, slot: int, slots: int) -> Iterator[Sample]:
+        plan = self._eval_plan()
+        by_shard = len(plan) >= slots
+        next_start = 0  # global index when the manifest gives none: all slots read in order
+        for url, count, limit, start in (plan[slot::slots] if by_shard else plan):
+            start = next_start if start is None else start
+            share = None if by_shard else (slot, slots, start)
+            read = 0
+            for index, key, members in self._read(url, count, limit, share):
+                read = index + 1
+                if by_shard or (start + index) % slots == slot:
+                    sample = self._decode(url, key, members)
+                    if sample is not None:
+                        yield sample
+            next_start = start + read
+
+
+# ---------------------------------------------------------------- main process side
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _distributed_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            found = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank = found[0] if rank is None else rank
+        world_size = found[1] if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise PipelineError(f"rank {rank} is outside world size {world_size}")
+    return rank, world_size
+
+
+class ShardLoader:
+    """Iterable of `(images uint8 Bx3xHxW, labels int64 B, keys)`; built by make_loader.
+
+    After a pass: `num_seen`, `num_skipped` (this rank) and `expected_total` (all ranks:
+    the manifest's count, or max_samples, None without a manifest). Iterating a train
+    loader again continues after the last batch it yielded.
+    """
+
+    def __init__(self, dataset: ShardStream, num_workers: int):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.manifest = dataset.shards.manifest
+        self.image_size = dataset.image_size
+        self.expected_total = self._expected_total()
+        self.num_seen = 0
+        self.num_skipped = 0
+        self._next_batch = dataset.start_batch
+        self._eval_loader: DataLoader | None = None
+
+    def _expected_total(self) -> int | None:
+        total, max_samples = self.dataset.shards.total, self.dataset.max_samples
+        return total if total is None or max_samples is None else min(total, max_samples)
+
+    def _dataloader(self) -> DataLoader:
+        if self.dataset.mode == "eval" and self._eval_loader is not None:
+            return self._eval_loader
+        dataset = dataclasses.replace(self.dataset, start_batch=self._next_batch)
+        workers = self.num_workers
+        loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers,
+                            pin_memory=torch.cuda.is_available(),
+                            prefetch_factor=4 if workers else None,
+                            # Eval runs again and again: keep its workers rather than re-fork.
+                            persistent_workers=workers > 0 and self.dataset.mode == "eval")
+        if self.dataset.mode == "eval":
+            self._eval_loader = loader
+        return loader
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        self.num_seen = self.num_skipped = 0
+        for item in self._dataloader():
+            if isinstance(item, _WorkerReport):
+                if item.error is not None:
+                    raise PipelineError(item.error)
+                self.num_skipped += item.skipped
+                continue
+            self.num_seen += len(item.keys)
+            self._next_batch += 1
+            yield item.images, item.labels, item.keys
+
+
+def _check_arguments(mode: str, batch_size: int, num_workers: int, start_batch: int,
+                     shuffle_buffer: int, max_samples: int | None, on_error: str) -> None:
+    problems = [
+        (mode not in MODES, f"mode must be one of {MODES}, not {mode!r}"),
+        (on_error not in ON_ERROR, f"on_error must be one of {ON_ERROR}, not {on_error!r}"),
+        (batch_size < 1, f"batch_size must be >= 1, not {batch_size}"),
+        (num_workers < 0, f"num_workers must be >= 0, not {num_workers}"),
+        (start_batch < 0, f"start_batch must be >= 0, not {start_batch}"),
+        (shuffle_buffer < 0, f"shuffle_buffer must be >= 0, not {shuffle_buffer}"),
+        (max_samples is not None and max_samples < 1,
+         f"max_samples must be >= 1, not {max_samples}"),
+        (mode == "train" and max_samples is not None, "max_samples selects the eval subset; "
+                                                      "it does not apply to mode='train'"),
+        (mode == "eval" and start_batch, "start_batch resumes training; eval always reads "
+                                         "every sample from the start"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise PipelineError(f"make_loader: {message}")
+
+
+def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: int = 2,
+                seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                start_batch: int = 0, shuffle_buffer: int = 2000, flip: bool = False,
+                max_samples: int | None = None, on_error: str = "warn",
+                allow_pipe: bool = True) -> ShardLoader:
+    """A streaming loader over `spec` (split directory, manifest, brace pattern or URL list).
+
+    train: endless, deterministic in (seed, rank, worker), resumable with `start_batch`
+    (batches this rank already consumed; same batch size, workers and world size).
+    eval: every sample exactly once over all ranks; `max_samples` keeps the first M in
+    manifest order. `allow_pipe=False` refuses `pipe:` commands in the spec; a
+    manifest's entries are never run as commands either way.
+    """
+    _check_arguments(mode, batch_size, num_workers, start_batch, shuffle_buffer, max_samples,
+                     on_error)
+    shards = resolve_spec(spec, allow_pipe)
+    if max_samples is not None and shards.counts is None:
+        raise PipelineError(f"max_samples needs per-shard counts from a manifest: point the spec "
+                            f"{spec!r} at the split directory that holds {MANIFEST_NAME}")
+    rank, world_size = _distributed_position(rank, world_size)
+    image_size = shards.manifest.get("image_size") if shards.manifest else None
+    dataset = ShardStream(shards, mode, batch_size, seed, rank, world_size, start_batch,
+                          shuffle_buffer, flip, max_samples, on_error, image_size)
+    return ShardLoader(dataset, num_workers)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]; call it on the device, after the uint8 copy."""
+    return images.float().div(127.5).sub(1)
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], clamped and rounded."""
+    return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)

@@ -1,0 +1,424 @@
+"""The streaming loader: train streams, resume, exactly-once eval, corrupt data, specs."""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.data as data
+from pipeline.data import ShardWarning, denormalize, make_loader, normalize
+from pipeline.shards import (TarFormatError, iter_samples, read_manifest, write_manifest,
+                             write_shard)
+from pipeline.utils import PipelineError
+from shardgen import make_split, synthetic_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def take(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    return list(itertools.islice(loader, n))
+
+
+def keys_of(batches) -> list[str]:
+    return [key for _, _, keys in batches for key in keys]
+
+
+def eval_keys(spec, world_size: int, num_workers: int, **kw) -> tuple[list[str], list]:
+    """Simulate `world_size` ranks one after another; all keys seen, and each rank's loader."""
+    keys, loaders = [], []
+    for rank in range(world_size):
+        loader = make_loader(spec, 16, mode="eval", num_workers=num_workers, rank=rank,
+                             world_size=world_size, **kw)
+        keys += keys_of(loader)
+        loaders.append(loader)
+    return keys, loaders
+
+
+def shard_contents(split_dir: Path) -> dict[str, dict[str, bytes]]:
+    samples = {}
+    for entry in read_manifest(split_dir)["shards"]:
+        with open(split_dir / entry["name"], "rb") as f:
+            samples.update(iter_samples(f))
+    return samples
+
+
+def manifest_keys(split_dir: Path) -> list[str]:
+    return list(shard_contents(split_dir))
+
+
+@pytest.fixture(scope="module")
+def shard_root(synthetic_shards, tmp_path_factory) -> Path:
+    """The session's train/val sets plus small special-purpose sets built once here."""
+    root = tmp_path_factory.mktemp("loader_sets")
+    for split in ("train", "val"):
+        shutil.copytree(synthetic_shards / split, root / split)
+    make_split(root, "one_shard", 37, 100)
+    make_split(root, "two_shards", 40, 20)
+    return root
+
+
+def readable_samples(shard: Path) -> int:
+    """How many whole samples a reader gets out of a (truncated) shard before it fails."""
+    count = 0
+    with open(shard, "rb") as f:
+        try:
+            for _ in iter_samples(f):
+                count += 1
+        except TarFormatError:
+            pass
+    return count
+
+
+@pytest.fixture
+def corrupt_val(shard_root, tmp_path) -> Path:
+    """The val set (3 shards x 50) with shard 1 cut mid-way through a sample."""
+    split = shutil.copytree(shard_root / "val", tmp_path / "val")
+    shard = split / read_manifest(split)["shards"][1]["name"]
+    content = shard.read_bytes()
+    shard.write_bytes(content[:len(content) * 58 // 100])
+    assert 0 < readable_samples(shard) < 50
+    return split
+
+
+# ---------------------------------------------------------------- train mode
+
+def test_train_batches_have_images_labels_and_keys_of_the_shards(shard_root):
+    split = shard_root / "train"
+    classes = read_manifest(split)["classes"]
+    samples = shard_contents(split)
+    images, labels, keys = next(iter(make_loader(split, 16, num_workers=0, seed=3)))
+    assert images.shape == (16, 3, 64, 64) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and len(keys) == 16
+    for image, label, key in zip(images, labels, keys):
+        wnid = json.loads(samples[key]["json"])["wnid"]
+        assert classes[label] == wnid
+        png = np.array(Image.open(io.BytesIO(samples[key]["png"])))
+        assert torch.equal(image, torch.from_numpy(png).permute(2, 0, 1))
+
+
+def test_train_stream_is_deterministic_and_differs_by_rank_and_seed(shard_root):
+    split = shard_root / "train"
+
+    def first_keys(**kw):
+        return keys_of(take(make_loader(split, 10, num_workers=0, shuffle_buffer=50, **kw), 4))
+
+    reference = first_keys(seed=1, rank=0, world_size=2)
+    assert first_keys(seed=1, rank=0, world_size=2) == reference
+    assert first_keys(seed=1, rank=1, world_size=2) != reference
+    assert first_keys(seed=2, rank=0, world_size=2) != reference
+    assert len(set(reference)) == 40  # no repeats inside a shard's round
+
+
+def test_flip_mirrors_about_half_the_images_deterministically(shard_root):
+    split = shard_root / "train"
+    plain = take(make_loader(split, 32, num_workers=0, seed=5), 2)
+    flipped = take(make_loader(split, 32, num_workers=0, seed=5, flip=True), 2)
+    assert keys_of(plain) == keys_of(flipped)
+    images, mirrored = torch.cat([b[0] for b in plain]), torch.cat([b[0] for b in flipped])
+    is_flipped = [torch.equal(m, i.flip(-1)) and not torch.equal(m, i)
+                  for i, m in zip(images, mirrored)]
+    assert all(f or torch.equal(m, i) for f, i, m in zip(is_flipped, images, mirrored))
+    assert 16 <= sum(is_flipped) <= 48
+    again = take(make_loader(split, 32, num_workers=0, seed=5, flip=True), 2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, flipped))
+
+
+def test_one_shard_never_runs_dry_for_four_ranks(shard_root):
+    split = shard_root / "one_shard"  # 37 samples, 1 shard, 4 ranks
+    for rank in range(4):
+        batches = take(make_loader(split, 8, num_workers=0, rank=rank, world_size=4), 20)
+        assert len(batches) == 20 and all(len(keys) == 8 for _, _, keys in batches)
+
+
+@pytest.mark.parametrize("start_batch", [5, 6, 33])
+def test_resume_yields_exactly_the_uninterrupted_batches(shard_root, start_batch):
+    """2 workers; at 33, worker 0 resumes the stream of worker 1 after 16 of its batches:
+    128 samples, past the end of its first 120-sample shard round."""
+    split = shard_root / "train"
+    kw = dict(num_workers=2, seed=7, shuffle_buffer=50, flip=True, rank=1, world_size=2)
+    full = take(make_loader(split, 8, **kw), start_batch + 4)
+    resumed = take(make_loader(split, 8, start_batch=start_batch, **kw), 4)
+    assert keys_of(resumed) == keys_of(full[start_batch:])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, full[start_batch:]))
+
+
+def test_resume_decodes_nothing_it_skips(shard_root, monkeypatch):
+    decoded = []
+    real_decode = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda m: decoded.append(1) or real_decode(m))
+    split = shard_root / "train"
+    full = take(make_loader(split, 8, num_workers=0, seed=2), 42)
+    decoded.clear()
+    resumed = take(make_loader(split, 8, num_workers=0, seed=2, start_batch=41), 1)
+    assert keys_of(resumed) == keys_of(full[41:])
+    assert len(decoded) == 8
+
+
+def test_iterating_a_train_loader_again_continues_where_it_stopped(shard_root):
+    split = shard_root / "train"
+    full = take(make_loader(split, 8, num_workers=0, seed=4), 6)
+    loader = make_loader(split, 8, num_workers=0, seed=4)
+    first, second = take(loader, 2), take(loader, 4)
+    assert keys_of(first + second) == keys_of(full)
+
+
+# ---------------------------------------------------------------- eval mode
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_yields_every_sample_exactly_once(shard_root, world_size, num_workers):
+    split = shard_root / "val"  # 3 shards: by shard up to 3 slots, by sample beyond
+    keys, loaders = eval_keys(split, world_size, num_workers)
+    assert sorted(keys) == sorted(manifest_keys(split)) and len(keys) == 150
+    assert sum(loader.num_seen for loader in loaders) == 150
+    assert all(loader.num_skipped == 0 and loader.expected_total == 150 for loader in loaders)
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (3, 2)])
+def test_eval_with_a_single_shard(shard_root, world_size, num_workers):
+    keys, loaders = eval_keys(shard_root / "one_shard", world_size, num_workers)
+    assert sorted(keys) == sorted(manifest_keys(shard_root / "one_shard")) and len(keys) == 37
+
+
+@pytest.mark.parametrize("max_samples,world_size", [(70, 2), (30, 3), (1000, 1)])
+def test_max_samples_keeps_the_first_samples_in_manifest_order(shard_root, max_samples, world_size):
+    split = shard_root / "val"
+    keys, loaders = eval_keys(split, world_size, 0, max_samples=max_samples)
+    assert sorted(keys) == manifest_keys(split)[:max_samples]
+    assert loaders[0].expected_total == min(max_samples, 150)
+
+
+def test_eval_yields_partial_last_batches_without_padding(shard_root):
+    loader = make_loader(shard_root / "one_shard", 16, mode="eval", num_workers=0)
+    assert [len(keys) for _, _, keys in loader] == [16, 16, 5]
+
+
+def test_eval_loader_can_be_iterated_again(shard_root):
+    loader = make_loader(shard_root / "val", 32, mode="eval", num_workers=2)
+    assert sorted(keys_of(loader)) == sorted(keys_of(loader)) and loader.num_seen == 150
+
+
+# ---------------------------------------------------------------- corrupt data
+
+def test_truncated_shard_is_skipped_and_counted(corrupt_val):
+    loader = make_loader(corrupt_val, 16, mode="eval", num_workers=0)
+    with pytest.warns(ShardWarning, match="val-000001.tar"):
+        keys = keys_of(loader)
+    lost = 50 - readable_samples(corrupt_val / "val-000001.tar")
+    assert loader.num_skipped == lost and len(keys) == loader.num_seen == 150 - lost
+    assert loader.num_seen + loader.num_skipped == loader.expected_total == 150
+    assert set(keys) < {f"val_{i:06d}" for i in range(150)}
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(2, 1), (2, 2), (3, 2)])
+def test_truncated_shard_counts_add_up_across_ranks(corrupt_val, world_size, num_workers):
+    """By shard (2 slots) and by sample (4 and 6 slots > 3 shards)."""
+    keys, loaders = eval_keys(corrupt_val, world_size, num_workers)
+    seen, skipped = (sum(getattr(x, n) for x in loaders) for n in ("num_seen", "num_skipped"))
+    assert len(keys) == len(set(keys)) == seen and skipped > 0
+    assert seen + skipped == 150
+
+
+def test_undecodable_sample_is_skipped_and_counted(tmp_path):
+    split = make_split(tmp_path, "val", 20, 10)
+    shard = split / "val-000001.tar"
+    with open(shard, "rb") as f:
+        samples = list(iter_samples(f))
+    samples[3][1]["png"] = b"not a png"
+    write_shard(shard, samples)
+    loader = make_loader(split, 8, mode="eval", num_workers=0)
+    with pytest.warns(ShardWarning, match="sample val_000013"):
+        keys = keys_of(loader)
+    assert "val_000013" not in keys and len(keys) == 19
+    assert (loader.num_seen, loader.num_skipped) == (19, 1)
+
+
+def test_on_error_raise_names_the_shard(corrupt_val):
+    loader = make_loader(corrupt_val, 16, mode="eval", num_workers=2, on_error="raise")
+    with pytest.raises(PipelineError, match=r"cannot read shard .*val-000001\.tar"):
+        keys_of(loader)
+
+
+def test_train_mode_keeps_going_past_a_truncated_shard(corrupt_val):
+    with pytest.warns(ShardWarning):
+        batches = take(make_loader(corrupt_val, 16, num_workers=0, shuffle_buffer=10), 30)
+    assert len(batches) == 30
+
+
+def test_train_mode_with_no_readable_shard_raises_instead_of_hanging(tmp_path):
+    split = make_split(tmp_path, "train", 20, 10)
+    for shard in split.glob("*.tar"):
+        shard.write_bytes(shard.read_bytes()[:1500])
+    with pytest.warns(ShardWarning), pytest.raises(PipelineError, match="no readable sample"):
+        take(make_loader(split, 4, num_workers=0), 1)
+
+
+def test_shard_of_another_resolution_is_an_error_naming_it(tmp_path):
+    split = make_split(tmp_path, "val", 10, 5, size=32)
+    manifest = read_manifest(split)
+    write_manifest(split, {**manifest, "image_size": 64})
+    with pytest.raises(PipelineError, match=r"val-000000\.tar.*32x32"):
+        keys_of(make_loader(split, 4, mode="eval", num_workers=1))
+
+
+# ---------------------------------------------------------------- specs and safety
+
+@pytest.mark.parametrize("entry", ["pipe:touch {marker}", "s3://bucket/x.tar", "../escape.tar",
+                                   "/abs/x.tar"])
+def test_manifest_entries_are_never_commands_or_urls(shard_root, tmp_path, entry):
+    split = shutil.copytree(shard_root / "val", tmp_path / "val")
+    marker = tmp_path / "PWNED"
+    manifest = read_manifest(split)
+    manifest["shards"][1]["name"] = entry.format(marker=marker)
+    write_manifest(split, manifest)
+    with pytest.raises(PipelineError, match="never opened as URLs or run as commands"):
+        keys_of(make_loader(split, 8, mode="eval", num_workers=0))
+    assert not marker.exists()
+
+
+def test_pipe_spec_from_the_command_line_works(shard_root):
+    shard = shard_root / "val" / "val-000002.tar"
+    keys = keys_of(make_loader(f"pipe:cat {shard}", 8, mode="eval", num_workers=1))
+    assert keys == [f"val_{i:06d}" for i in range(100, 150)]
+
+
+def test_allow_pipe_false_refuses_pipe_specs(shard_root, tmp_path):
+    marker = tmp_path / "PWNED"
+    with pytest.raises(PipelineError, match="pipe: URLs are not allowed"):
+        make_loader(f"pipe:touch {marker}", 8, mode="eval", allow_pipe=False)
+    assert not marker.exists()
+
+
+def test_brace_pattern_beside_a_manifest_takes_its_counts(shard_root):
+    split = shard_root / "val"
+    loader = make_loader(f"{split}/val-{{000000..000001}}.tar", 16, mode="eval", num_workers=0)
+    assert sorted(keys_of(loader)) == manifest_keys(split)[:100]
+    assert loader.expected_total == 100 and loader.image_size == 64
+
+
+@pytest.mark.parametrize("as_list", [True, False])
+def test_list_spec(shard_root, as_list):
+    split = shard_root / "val"
+    shards = [str(split / "val-000000.tar"), str(split / "val-000002.tar")]
+    spec = shards if as_list else " , ".join(shards)
+    keys = keys_of(make_loader(spec, 16, mode="eval", num_workers=0))
+    assert keys == manifest_keys(split)[:50] + manifest_keys(split)[100:]
+
+
+def test_fsspec_url_spec(shard_root):
+    fsspec = pytest.importorskip("fsspec")
+    shard = shard_root / "val" / "val-000000.tar"
+    with fsspec.open("memory://shards/val-000000.tar", "wb") as f:
+        f.write(shard.read_bytes())
+    loader = make_loader("memory://shards/val-000000.tar", 16, mode="eval", num_workers=0)
+    assert keys_of(loader) == manifest_keys(shard_root / "val")[:50]
+    assert loader.expected_total is None and loader.manifest is None
+
+
+def test_missing_shard_file_is_a_clear_error(shard_root):
+    with pytest.raises(PipelineError, match="val-000009.tar does not exist"):
+        make_loader(f"{shard_root}/val/val-000009.tar", 8)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(mode="test"), "mode must be"), (dict(on_error="ignore"), "on_error must be"),
+    (dict(max_samples=10), "does not apply to mode='train'"),
+    (dict(mode="eval", start_batch=3), "start_batch resumes training")])
+def test_bad_arguments_are_pipeline_errors(shard_root, kwargs, message):
+    with pytest.raises(PipelineError, match=message):
+        make_loader(shard_root / "val", 8, **kwargs)
+
+
+def test_rank_and_world_size_come_from_the_environment(shard_root, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    loader = make_loader(shard_root / "val", 8, mode="eval")
+    assert (loader.dataset.rank, loader.dataset.world_size) == (1, 3)
+
+
+@pytest.mark.parametrize("fmt", ["png", "npy", "webp", "jpg"])
+def test_every_image_format_decodes_to_uint8_chw(tmp_path, fmt):
+    split = make_split(tmp_path, "val", 6, 6, fmt=fmt)
+    images, labels, keys = next(iter(make_loader(split, 6, mode="eval", num_workers=0)))
+    assert images.shape == (6, 3, 64, 64) and images.dtype == torch.uint8
+    assert labels.tolist() == [i % 10 for i in range(6)]
+    if fmt in ("png", "npy"):  # lossless: pixel-exact
+        expected = torch.from_numpy(synthetic_image(2, 2)).permute(2, 0, 1)
+        assert torch.equal(images[2], expected)
+
+
+def test_normalize_and_denormalize_round_trip():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(2, 3, 16, 16)
+    y = normalize(x)
+    assert y.dtype == torch.float32 and y.min() == -1 and y.max() == 1
+    assert torch.equal(denormalize(y), x)
+    clamped = denormalize(torch.tensor([-3.0, 3.0]))
+    assert torch.equal(clamped, torch.tensor([0, 255], dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------- real processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_two_workers_under_torchrun(shard_root, tmp_path):
+    """Train: 2 shards < 2 ranks x 2 workers, 50 steps each; eval: exactly once."""
+    out = tmp_path / "out"
+    val_specs = [shard_root / "val", shard_root / "one_shard"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(REPO / "tests" / "dist_loader_check.py"),
+               "--train", str(shard_root / "two_shards"), "--out", str(out), "--steps", "50"]
+    command += [arg for spec in val_specs for arg in ("--val", str(spec))]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["train_steps"] for r in reports] == [50, 50]
+    assert all(r["min_train_steps"] == 50 for r in reports)
+    for i, spec in enumerate(val_specs):
+        keys = [key for r in reports for key in r["evals"][i]["keys"]]
+        assert sorted(keys) == sorted(manifest_keys(spec))
+        assert sum(r["evals"][i]["num_seen"] for r in reports) == len(keys)
+        assert all(r["evals"][i]["expected_total"] == len(keys) for r in reports)
+
+
+# ---------------------------------------------------------------- benchmark
+
+def test_bench_load_json_reports_every_stage(capsys):
+    from pipeline.bench import load
+    assert load.main(["--json", "--samples", "256", "--batch-size", "64", "--formats", "npy"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    row = report["formats"]["npy"]
+    stages = ["decode", "read", "read_decode", "webdataset_read_decode", "loader_1_worker",
+              "loader_2_workers", "loader_2_workers_per_worker"]
+    assert all(row[stage] > 0 for stage in stages)
+    assert row["target_per_worker"] == 30000 and row["sample_bytes"] > 12288
+
+
+def test_bench_load_table_on_given_shards(shard_root, capsys):
+    from pipeline.bench import load
+    assert load.main(["--shards", str(shard_root / "val"), "--samples", "128",
+                      "--batch-size", "32"]) == 0
+    table = capsys.readouterr().out
+    assert "loader 1w" in table and table.splitlines()[-1].startswith("png")
+
+
+def test_a_split_directory_with_spaces_in_its_path(shard_root, tmp_path):
+    split = shutil.copytree(shard_root / "one_shard", tmp_path / "my shards, v2")
+    loader = make_loader(str(split), 16, mode="eval", num_workers=0)
+    assert len(keys_of(loader)) == loader.expected_total == 37
