@@ -821,7 +821,6 @@ def render_markdown(report: Report) -> str:
 def write_report(report: Report, out_dir: Path) -> Path:
     """Write assets/, report.md and report.html; each file appears whole or not at all."""
     with atomic_dir(out_dir / "assets") as assets:  # replaces, so no stale images survive
-        assets.chmod(0o755)  # a temporary dir is private; a report is meant to be shared
         for image in images_of(report):
             atomic_write_bytes(assets / image.asset, image.png)
     atomic_write_text(out_dir / "report.md", render_markdown(report))

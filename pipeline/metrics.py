@@ -1,0 +1,280 @@
+"""Image-quality and bottleneck metrics for `pipeline evaluate`.
+
+Per-image metrics come from torchmetrics wherever it has one, with settings that are
+valid at 64x64; this module adds what the library leaves to the caller: the PSNR cap,
+the bottleneck's bit budget, code usage, the VAE's discretised likelihood, and loading
+LPIPS / Inception weights from local files only (nothing here ever downloads).
+
+All image arguments are float tensors B x 3 x H x W with values in [0, 1].
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import (
+    multiscale_structural_similarity_index_measure,
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+from .utils import PipelineError
+
+# One perfect image (MSE 0) would make the mean of per-image PSNR infinite.
+PSNR_CAP_DB = 100.0
+
+SSIM_KERNEL = 11
+SSIM_SIGMA = 1.5
+# torchmetrics' default MS-SSIM uses five scales and refuses images under 160 px. At 64 px
+# three scales (64, 32, 16 px) keep the standard 11-px Gaussian window inside the smallest
+# scale; the first three standard weights (Wang et al. 2003) are renormalised to sum to 1.
+_STANDARD_BETAS = (0.0448, 0.2856, 0.3001)
+MS_SSIM_BETAS = tuple(b / sum(_STANDARD_BETAS) for b in _STANDARD_BETAS)
+
+# LPIPS backbones: torchvision constructor and the channel count of each compared layer.
+LPIPS_NETS = {"alex": ("alexnet", (64, 192, 384, 256, 256)),
+              "vgg": ("vgg16", (64, 128, 256, 512, 512))}
+
+
+def to_unit_range(images: Tensor) -> Tensor:
+    """Model space [-1, 1] -> [0, 1]; out-of-range decoder outputs are clipped, not wrapped."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def per_image_mse(pred: Tensor, target: Tensor) -> Tensor:
+    return (pred - target).pow(2).flatten(1).mean(1)
+
+
+def per_image_l1(pred: Tensor, target: Tensor) -> Tensor:
+    return (pred - target).abs().flatten(1).mean(1)
+
+
+def per_image_psnr(pred: Tensor, target: Tensor) -> Tensor:
+    """PSNR of each image in dB (data range 1), capped at PSNR_CAP_DB."""
+    psnr = peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none",
+                                   dim=(1, 2, 3))
+    return psnr.clamp(max=PSNR_CAP_DB)
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR (dB, data range 1) of a mean squared error, with the same cap as per image."""
+    if mse <= 0:
+        return PSNR_CAP_DB
+    return min(PSNR_CAP_DB, 10.0 * math.log10(1.0 / mse))
+
+
+def per_image_ssim(pred: Tensor, target: Tensor) -> Tensor:
+    return structural_similarity_index_measure(
+        pred, target, gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL,
+        data_range=1.0, reduction="none")
+
+
+def per_image_ms_ssim(pred: Tensor, target: Tensor) -> Tensor:
+    return multiscale_structural_similarity_index_measure(
+        pred, target, gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL,
+        data_range=1.0, betas=MS_SSIM_BETAS, reduction="none")
+
+
+# ---------------------------------------------------------------- bottleneck
+
+def bits_per_image(model: str, quantizer: str, latent_shape: Sequence[int],
+                   codebook_size: int, fsq_levels: Sequence[int],
+                   kl_nats: float | None = None) -> float | None:
+    """Information the bottleneck carries per image.
+
+    VQ: one index of log2 K bits per latent position; FSQ: one level per channel, so
+    sum(log2 L_i) bits per position; VAE: its KL in bits (the rate of the ELBO);
+    AE: None, since a continuous latent has no finite rate (report its size instead).
+    """
+    positions = int(latent_shape[-2]) * int(latent_shape[-1])
+    if model == "vqvae" and quantizer == "vq":
+        return positions * math.log2(codebook_size)
+    if model == "vqvae" and quantizer == "fsq":
+        return positions * sum(math.log2(level) for level in fsq_levels)
+    if model == "vae" and kl_nats is not None:
+        return kl_nats / math.log(2)
+    return None
+
+
+def num_codes(quantizer: str, codebook_size: int, fsq_levels: Sequence[int]) -> int:
+    """Size of the code alphabet: K for VQ, the product of the levels for FSQ."""
+    return codebook_size if quantizer == "vq" else math.prod(fsq_levels)
+
+
+def code_usage(counts: Tensor) -> tuple[float, float]:
+    """(percent of codes used at least once, perplexity = exp(entropy of code frequencies)),
+    with the same definitions the trainer logs (pipeline.models.usage)."""
+    from .models.usage import perplexity, usage_fraction
+
+    return 100.0 * usage_fraction(counts).item(), perplexity(counts).item()
+
+
+def discretized_gaussian_nll(target: Tensor, mean: Tensor, sigma: float,
+                             levels: int = 256) -> Tensor:
+    """-log p(x | z) in nats per image for 8-bit pixels under N(mean, sigma^2) per value.
+
+    Each pixel value k/255 owns the bin of width 1/255 around it; the outer bins extend to
+    +-inf so the probabilities sum to 1 (the PixelCNN++ convention, with a Gaussian).
+    Computed in float64; a bin probability is floored at 1e-12 (27.6 nats).
+    """
+    x, mu = target.double(), mean.double()
+    half_bin = 0.5 / (levels - 1)
+    upper = torch.special.ndtr((x + half_bin - mu) / sigma)
+    lower = torch.special.ndtr((x - half_bin - mu) / sigma)
+    upper = torch.where(x >= 1 - half_bin, torch.ones_like(upper), upper)
+    lower = torch.where(x <= half_bin, torch.zeros_like(lower), lower)
+    nll = -(upper - lower).clamp(min=1e-12).log()
+    return nll.flatten(1).sum(1)
+
+
+# ---------------------------------------------------------------- LPIPS
+
+def load_lpips(backbone_path: str | Path, linear_path: str | Path | None,
+               net: str = "alex") -> torch.nn.Module:
+    """LPIPS v0.1 built from local files only.
+
+    backbone_path: the torchvision ImageNet state dict of the backbone (e.g.
+      `alexnet-owt-7be5be79.pth` or `vgg16-397923af.pth`; only `features.*` is used).
+    linear_path: the `lpips` package's `weights/v0.1/<net>.pth` (keys `lin0.model.1.weight`
+      ... `lin4.model.1.weight`); None uses the copy torchmetrics ships with its wheel.
+    Returns a module mapping two [0, 1] batches to per-image distances (B,).
+    """
+    # torchmetrics' public LPIPS metric always fetches the ImageNet backbone; its network
+    # class (private API, so tests/test_evaluate.py exercises it) is the same LPIPS
+    # without that download.
+    from torchmetrics.functional.image.lpips import _LPIPS
+
+    if net not in LPIPS_NETS:
+        raise PipelineError(f"--lpips-net {net!r}: choose one of {', '.join(LPIPS_NETS)}")
+    # pretrained=False / pnet_rand=True: torchmetrics builds the layers without fetching
+    # anything; the weights come from the user's files below.
+    lpips = _LPIPS(pretrained=False, net=net, pnet_rand=True)
+    _load_lpips_linear(lpips, linear_path or _bundled_lpips_linear(net), net)
+    _load_lpips_backbone(lpips, backbone_path, net)
+    return _LpipsDistance(lpips.eval().requires_grad_(False))
+
+
+class _LpipsDistance(torch.nn.Module):
+    """(pred, target) in [0, 1] -> LPIPS per image; torchmetrics returns B x 1 x 1 x 1."""
+
+    def __init__(self, lpips: torch.nn.Module):
+        super().__init__()
+        self.lpips = lpips
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return self.lpips(pred, target, normalize=True).flatten()
+
+
+def _bundled_lpips_linear(net: str) -> Path:
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    return Path(tm_lpips.__file__).parent / "lpips_models" / f"{net}.pth"
+
+
+def _read_state_dict(path: str | Path, option: str) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{option} {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise PipelineError(f"{option} {path}: not a readable torch state dict ({e})") from e
+    if not isinstance(state, dict):
+        raise PipelineError(f"{option} {path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def _load_lpips_linear(lpips: torch.nn.Module, path: str | Path, net: str) -> None:
+    state = _read_state_dict(path, "--lpips-linear")
+    channels = LPIPS_NETS[net][1]
+    for i, c in enumerate(channels):
+        key = f"lin{i}.model.1.weight"
+        if key not in state or tuple(state[key].shape) != (1, c, 1, 1):
+            raise PipelineError(f"--lpips-linear {path}: expected {key} of shape (1, {c}, 1, 1) "
+                                f"for the {net} backbone (the lpips package's "
+                                f"weights/v0.1/{net}.pth format)")
+    lpips.load_state_dict({f"lin{i}.model.1.weight": state[f"lin{i}.model.1.weight"]
+                           for i in range(len(channels))}, strict=False)
+
+
+def _load_lpips_backbone(lpips: torch.nn.Module, path: str | Path, net: str) -> None:
+    import torchvision
+
+    state = _read_state_dict(path, "--lpips-backbone")
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    reference = getattr(torchvision.models, LPIPS_NETS[net][0])(weights=None).features
+    try:
+        reference.load_state_dict({k[len("features."):]: v for k, v in features.items()})
+    except RuntimeError as e:
+        raise PipelineError(f"--lpips-backbone {path}: not a torchvision "
+                            f"{LPIPS_NETS[net][0]} state dict ({str(e).splitlines()[0]})") from e
+    # torchmetrics' slices hold the backbone's layers under their original indices.
+    for slice_ in (lpips.net.slice1, lpips.net.slice2, lpips.net.slice3, lpips.net.slice4,
+                   lpips.net.slice5):
+        for index, layer in slice_.named_children():
+            layer.load_state_dict(reference[int(index)].state_dict())
+
+
+# ---------------------------------------------------------------- rFID
+
+def load_fid(inception_path: str | Path) -> torch.nn.Module:
+    """torchmetrics' FrechetInceptionDistance (2048-d pool features) on local weights.
+
+    The file is torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (the TF
+    Inception graph converted to PyTorch, the one FID is defined with). Inputs: [0, 1].
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    path = Path(inception_path)
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise PipelineError("--inception-weights needs the torch-fidelity package "
+                            "(`pip install torch-fidelity`, pure Python); rFID was not computed")
+    if not path.is_file():
+        raise PipelineError(f"--inception-weights {path}: no such file")
+    try:
+        return FrechetInceptionDistance(feature=2048, normalize=True,
+                                        feature_extractor_weights_path=str(path))
+    except Exception as e:  # unpickling / key mismatch errors come in many types
+        raise PipelineError(f"--inception-weights {path}: not torch-fidelity's Inception-v3 "
+                            f"weights ({str(e).splitlines()[0]})") from e
+
+
+# ---------------------------------------------------------------- accumulation
+
+class SumReducer:
+    """Named float64 sums, reduced across processes in ONE collective at the end.
+
+    The layout (names and lengths) is fixed up front, so every rank holds the same
+    vector even if it saw no batch. The sums live on the compute device, so adding a
+    batch never waits for the GPU. `reduce` concatenates them, reduces once and splits
+    them back: ranks never exchange per-batch values, and the result does not depend on
+    how the samples were split between them.
+    """
+
+    def __init__(self, sizes: dict[str, int], device: torch.device | str = "cpu") -> None:
+        self.sums = {name: torch.zeros(size, dtype=torch.float64, device=device)
+                     for name, size in sizes.items()}
+
+    def add(self, name: str, values: Tensor) -> None:
+        """Add the sum of `values` (e.g. one metric for each image of a batch)."""
+        self.sums[name] += values.detach().double().sum()
+
+    def add_at(self, name: str, index: Tensor, values: Tensor) -> None:
+        """Add `values[i]` to bin `index[i]` (per-class sums, code counts)."""
+        target = self.sums[name]
+        target.index_add_(0, index.detach().to(target.device).long(),
+                          values.detach().to(target.device, torch.float64))
+
+    def reduce(self, all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+        names = list(self.sums)
+        flat = all_reduce_sum(torch.cat([self.sums[n] for n in names])).cpu()
+        return dict(zip(names, flat.split([self.sums[n].numel() for n in names])))
+
+
+def lowest_k(candidates: list[tuple[float, str]], k: int) -> list[tuple[float, str]]:
+    """The k lowest (score, key) pairs; ties broken by key so every rank split agrees."""
+    return sorted(candidates)[:k]
