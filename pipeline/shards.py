@@ -9,7 +9,6 @@ splits a member name at its first dot. Every split directory holds ``manifest.js
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -51,34 +50,50 @@ def check_key(key: str) -> str:
     return key
 
 
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+BLOCK = 512
+RECORD = 20 * BLOCK  # tarfile's record size: archives end padded to a multiple of it
+
+
+def _tar_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     # Fixed metadata makes a shard a pure function of its samples: a re-run writes
     # byte-identical files, which is what lets resume compare sha256 values.
     info.mtime = 0
     info.mode = 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    return info, io.BytesIO(data)
+    try:
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    except ValueError:  # a name over 100 bytes: GNU long-name header, which readers follow
+        return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
 
 
-class _HashingWriter(io.RawIOBase):
-    """File wrapper that hashes and counts bytes as tarfile writes them."""
+class _TarStream:
+    """Writes tar members straight to a file, hashing and counting the bytes.
+
+    `tarfile.addfile` costs ~0.16 ms per 3-member sample (file-object copies, per-member
+    bookkeeping); building the header and writing the bytes directly costs a third of
+    that, which is a measurable share of `prepare`'s per-image budget.
+    """
 
     def __init__(self, f):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
 
-    def writable(self) -> bool:
-        return True
+    def _write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+        self.f.write(data)
 
-    def tell(self) -> int:
-        return self.n
+    def add(self, name: str, data: bytes) -> None:
+        self._write(_tar_header(name, len(data)))
+        self._write(data)
+        if len(data) % BLOCK:
+            self._write(bytes(BLOCK - len(data) % BLOCK))
 
-    def write(self, b) -> int:
-        self.h.update(b)
-        self.n += len(b)
-        return self.f.write(b)
+    def close(self) -> None:
+        end = self.size + 2 * BLOCK
+        self._write(bytes(2 * BLOCK + (-end) % RECORD))
 
 
 def write_shard(path: str | os.PathLike,
@@ -95,22 +110,22 @@ def write_shard(path: str | os.PathLike,
     count, first, last = 0, None, None
     try:
         with open(tmp, "wb") as raw:
-            hw = _HashingWriter(raw)
-            with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, members in samples:
-                    check_key(key)
-                    for ext, data in members.items():
-                        tar.addfile(*_tar_member(f"{key}.{ext}", data))
-                    count += 1
-                    first = first or key
-                    last = key
+            tar = _TarStream(raw)
+            for key, members in samples:
+                check_key(key)
+                for ext, data in members.items():
+                    tar.add(f"{key}.{ext}", data)
+                count += 1
+                first = first or key
+                last = key
+            tar.close()
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ShardInfo(path.name, count, hw.n, hw.h.hexdigest(), first, last)
+    return ShardInfo(path.name, count, tar.size, tar.hash.hexdigest(), first, last)
 
 
 # ---------------------------------------------------------------- manifest
