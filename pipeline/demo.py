@@ -122,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 "--val-shards", str(shards / "val"), "--output", str(run_dir),
                 "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                 "--tracker", args.tracker, "--resume", "auto"])
-        checkpoints.append(str(run_dir / "model"))
+        checkpoints.append(run_dir / "model")
 
     stage("4/5 evaluate")
-    call("pipeline.evaluate", [*checkpoints, "--shards", str(shards / "val"),
-                               "--output", str(out / "eval")])
+    pending = [c for c in checkpoints
+               if not (out / "eval" / f"{c.parent.name}-step{args.steps}" / "metrics.json").is_file()]
+    if pending:
+        call("pipeline.evaluate", [*map(str, pending), "--shards", str(shards / "val"),
+                                   "--output", str(out / "eval")])
+    else:
+        print("complete: every checkpoint already has its metrics.json; skipping")
 
     stage("5/5 report")
     call("pipeline.report", [str(out / "eval"), "--output", str(out / "report")])

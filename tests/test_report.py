@@ -373,6 +373,8 @@ def find_browser() -> tuple[str, str]:
     driver = shutil.which("chromedriver") or (
         "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
     if not (chromium and driver):
+        if os.environ.get("REQUIRE_BROWSER"):  # set by .ci/run, which installs both
+            pytest.fail("REQUIRE_BROWSER is set but chromium/chromedriver were not found")
         pytest.skip("headless Chromium/chromedriver not installed "
                     "(CI installs Debian's chromium and chromium-driver)")
     return chromium, driver
