@@ -377,6 +377,7 @@ def rate_of(metrics: dict[str, Any]) -> tuple[float, str] | None:
 
 def rate_distortion_figure(checkpoints: list[Checkpoint], runs: list[Run]) -> Image | None:
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rated = {ck.index: rate for ck in checkpoints if (rate := rate_of(ck.metrics))}
     if not rated:
@@ -403,6 +404,11 @@ def rate_distortion_figure(checkpoints: list[Checkpoint], runs: list[Run]) -> Im
                             textcoords="offset points", fontsize=7)
         units = sorted({unit for _, unit in rated.values()})
         ax.set_xscale("log")
+        # Plain numbers at 1-2-5 steps: matplotlib's default minor labels on a short log
+        # range print as overlapping "2 x 10^3"-style text.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(" / ".join(RATE_UNITS[u][0] for u in units) + " (log scale)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
