@@ -27,34 +27,42 @@ ARCHS = ("basic", "resnet")
 QUANTIZERS = ("vq", "fsq")
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its `--help` text (lists are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     """What the network is. Saved with every export; `from_pretrained` rebuilds from it."""
-    model: str = "ae"                 # ae | vae | vqvae: the bottleneck
-    arch: str = "basic"               # basic | resnet: encoder/decoder family
-    image_size: int = 64
-    in_channels: int = 3
-    # basic family (the seed notebook): four stride-2 convs, so the latent is 4x4.
-    widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    # resnet family: channels * channel_mult[i] per level; downsample = 2 ** (len(mult) - 1)
-    channels: int = 64
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 2
-    attention: bool = True            # self-attention at the lowest resolution
-    num_groups: int = 32              # GroupNorm groups (clipped to divide the width)
-    downsample: int = 4               # f: 64 / f is the latent side (4, 8 or 16)
-    # bottleneck
-    latent_channels: int = 512        # C of the latent (AE basic: must equal widths[-1])
-    logvar_clamp: tuple[float, float] = (-30.0, 20.0)  # VAE log-variance clamp
-    quantizer: str = "vq"             # vq | fsq (vqvae only)
-    codebook_size: int = 512          # K
-    code_dim: int = 64                # D (vq); fsq uses len(fsq_levels)
-    codebook_ema: bool = True         # learn codes by EMA (True) or by codebook loss
-    ema_decay: float = 0.99
-    l2_normalize_codes: bool = False
-    dead_code_threshold: float = 1.0  # EMA cluster size below which a code is restarted
-    usage_window: int = 100           # steps in the sliding window of code usage
-    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 6, 5])
+    model: str = opt("ae", "bottleneck: ae | vae | vqvae")
+    arch: str = opt("basic", "encoder/decoder family: basic (the seed) | resnet")
+    image_size: int = opt(64, "image side in pixels (the shards' image_size)")
+    in_channels: int = opt(3, "image channels")
+    widths: list[int] = opt([64, 128, 256, 512],
+                            "basic: channels of the stride-2 convs; latent side = 64/2**len")
+    channels: int = opt(64, "resnet: base width; level i has channels * channel_mult[i]")
+    channel_mult: list[int] = opt([1, 2, 2], "resnet: width multipliers, one per resolution "
+                                             "(len = log2(downsample) + 1)")
+    num_res_blocks: int = opt(2, "resnet: residual blocks per resolution")
+    attention: bool = opt(True, "resnet: self-attention at the lowest resolution")
+    num_groups: int = opt(32, "resnet: GroupNorm groups (clipped to divide the width)")
+    downsample: int = opt(4, "resnet: f, the latent side is image_size / f (4, 8 or 16)")
+    latent_channels: int = opt(512, "C of the AE/VAE latent (basic AE: equals widths[-1])")
+    logvar_clamp: tuple[float, float] = opt((-30.0, 20.0), "VAE: log-variance clamp (min max)")
+    quantizer: str = opt("vq", "vqvae: vq (codebook) | fsq (finite scalar quantisation)")
+    codebook_size: int = opt(512, "vq: K, codes in the codebook")
+    code_dim: int = opt(64, "vq: D, dimension of a code")
+    codebook_ema: bool = opt(True, "vq: learn codes by EMA updates (true) or by the codebook "
+                                   "loss (false)")
+    ema_decay: float = opt(0.99, "vq: EMA decay of the codebook statistics")
+    l2_normalize_codes: bool = opt(False, "vq: l2-normalise codes and encoder outputs")
+    dead_code_threshold: float = opt(1.0, "vq: EMA cluster size under which a code is "
+                                          "restarted from encoder outputs")
+    usage_window: int = opt(100, "vq/fsq: training steps in the code-usage window")
+    fsq_levels: list[int] = opt([8, 8, 8, 6, 5], "fsq: levels per latent channel")
 
     @property
     def latent_side(self) -> int:
@@ -65,66 +73,69 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    recon: str = "l1"                 # l1 | mse, on images in [-1, 1], mean over pixels
-    # KL convention: summed over latent elements, averaged over the batch (nats per image),
-    # then divided by the number of pixel values (3*64*64) so beta is comparable to the
-    # per-pixel reconstruction loss. Logged as `kl` (nats/image) and `kl_weighted`.
-    kl_weight: float = 1.0            # beta
-    kl_warmup_steps: int = 0          # beta ramps linearly from 0 over these steps
-    commitment_weight: float = 0.25   # VQ beta
-    codebook_weight: float = 1.0      # only used when codebook_ema is False
+    """KL convention: summed over latent elements and averaged over the batch (nats per
+    image, logged as `kl`), then divided by the number of pixel values (3*64*64) so that
+    beta is comparable to the per-pixel reconstruction loss (`kl_weighted`)."""
+    recon: str = opt("l1", "reconstruction loss on images in [-1, 1], mean over pixels: "
+                           "l1 | mse")
+    kl_weight: float = opt(1.0, "VAE: beta, weight of the per-pixel KL (see LossConfig)")
+    kl_warmup_steps: int = opt(0, "VAE: beta ramps linearly from 0 over these steps")
+    commitment_weight: float = opt(0.25, "vq: commitment loss weight (VQ-VAE's beta)")
+    codebook_weight: float = opt(1.0, "vq: codebook loss weight (only without codebook_ema)")
 
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""            # shard spec: dir with manifest, brace pattern, URL list
-    val_shards: str = ""
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    flip: bool = True                 # random horizontal flip (training only)
-    val_samples: int = 256            # fixed val subset for the periodic validation loss
+    train_shards: str = opt("", "train shard spec: split dir with manifest.json, brace "
+                                "pattern, URL list or 'pipe:' command")
+    val_shards: str = opt("", "val shard spec (same forms)")
+    num_workers: int = opt(2, "loader worker processes per rank")
+    shuffle_buffer: int = opt(2000, "samples in the train shuffle buffer")
+    flip: bool = opt(True, "random horizontal flip (training only)")
+    val_samples: int = opt(256, "first N val samples used for the periodic validation loss")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0            # max global grad norm; 0 disables
-    ema: bool = False                 # keep an EMA of the weights (exported when on)
-    ema_decay: float = 0.999
+    lr: float = opt(2e-4, "AdamW peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = opt((0.9, 0.99), "AdamW betas (b1 b2)")
+    warmup_steps: int = opt(100, "linear lr warm-up steps")
+    min_lr_ratio: float = opt(0.1, "cosine decay ends at lr * min_lr_ratio")
+    grad_clip: float = opt(1.0, "max global gradient norm; 0 disables clipping")
+    ema: bool = opt(False, "keep an EMA of the weights; exports use it when on")
+    ema_decay: float = opt(0.999, "decay of the weight EMA")
 
 
 @dataclass
 class TrackerConfig:
-    tracker: str = "wandb"            # wandb | tensorboard | none
-    project: str = "ae-pipeline"
-    entity: str | None = None
-    run_name: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    tracker: str = opt("wandb", "wandb | tensorboard | none (history.jsonl is always written)")
+    project: str = opt("ae-pipeline", "W&B project")
+    entity: str | None = opt(None, "W&B entity (team or user)")
+    run_name: str | None = opt(None, "tracker run name (default: RUN_DIR's name)")
+    group: str | None = opt(None, "W&B group")
+    tags: list[str] = opt([], "W&B tags (comma-separated)")
 
 
 @dataclass
 class TrainConfig:
-    output: str = "runs/default"      # RUN_DIR
-    max_steps: int = 1000
-    batch_size: int = 64              # per device
-    grad_accum: int = 1
-    mixed_precision: str = "no"       # no | bf16 | fp16
-    compile: bool = False
-    channels_last: bool = False
-    sync_bn: bool = False
-    seed: int = 0
-    log_every: int = 10
-    val_every: int = 200
-    image_every: int = 500
-    ckpt_every: int = 500
-    keep_last: int = 3
-    resume: str | None = None         # None | auto | path to step-<N>/
-    nan_policy: str = "stop"          # stop | skip
+    output: str = opt("runs/default", "RUN_DIR: checkpoints, exports, logs")
+    max_steps: int = opt(1000, "optimizer steps; the run ends there")
+    batch_size: int = opt(64, "batch size per device (global = x processes x grad_accum)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    mixed_precision: str = opt("no", "no | bf16 | fp16 (fp16 uses loss scaling)")
+    compile: bool = opt(False, "torch.compile the model")
+    channels_last: bool = opt(False, "channels-last memory format (faster convs on GPU)")
+    sync_bn: bool = opt(False, "SyncBatchNorm for BatchNorm models under DDP (GPU)")
+    seed: int = opt(0, "seed of weights, loader order and sampling")
+    log_every: int = opt(10, "steps between logged metrics")
+    val_every: int = opt(200, "steps between validation losses")
+    image_every: int = opt(500, "steps between reconstruction grids")
+    ckpt_every: int = opt(500, "steps between checkpoints")
+    keep_last: int = opt(3, "checkpoints kept (older ones pruned after a complete save)")
+    resume: str | None = opt(None, "auto (newest complete checkpoint) | path to step-<N>/")
+    nan_policy: str = opt("stop", "on a NaN/inf loss: stop (error naming step and term) | "
+                                  "skip (skip the step and count it)")
 
 
 @dataclass
@@ -263,8 +274,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, aliases: dict[str, str
             dotted = f"{section.name}.{f.name}"
             flags = [f"--{dotted}"] + [a for a, d in aliases.items() if d == dotted]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f.metadata.get("help", "")
             group.add_argument(*flags, dest=dotted, default=None, metavar="V",
-                               help=f"default: {default}")
+                               help=f"{text} (default: {default})".replace("%", "%%"))
 
 
 def build_config(preset: str | None, args: argparse.Namespace,

@@ -68,3 +68,12 @@ def test_missing_preset_lists_available():
     with pytest.raises(PipelineError, match="neither a YAML file nor a preset"):
         build_config("no-such-preset", parse([]))
     assert isinstance(list_presets(), list)
+
+
+def test_every_config_option_has_help_text():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, {})
+    options = [a for a in parser._actions if a.dest.count(".") == 1]
+    assert len(options) > 50
+    for action in options:
+        assert not action.help.startswith("(default"), f"{action.dest} has no help text"
