@@ -168,6 +168,8 @@ def get_lr(step: int, optim: OptimConfig, max_steps: int) -> float:
 class WeightEMA:
     """Exponential moving average of a model's weights (buffers are copied as they are).
 
+    Buffers are not averaged: an EMA'd VQ codebook would blend a restarted code with the
+    dead one it replaced, and BatchNorm statistics belong to the weights that made them.
     Registered with `accelerator.register_for_checkpointing`, so save_state/load_state carry it.
     """
 
@@ -177,12 +179,10 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema = self.module.state_dict()
-        for name, value in model.state_dict().items():
-            if value.dtype.is_floating_point:
-                ema[name].lerp_(value, 1 - self.decay)
-            else:
-                ema[name].copy_(value)
+        for ema, live in zip(self.module.parameters(), model.parameters()):
+            ema.lerp_(live, 1 - self.decay)
+        for ema, live in zip(self.module.buffers(), model.buffers()):
+            ema.copy_(live)
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.module.state_dict()

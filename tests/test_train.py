@@ -471,3 +471,20 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(synthetic_shards, tmp_pa
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
         p.name for p in (checkpoint / "state").iterdir()}
     assert read_history(run)[-1]["step"] == stopped["step"]
+
+
+def test_weight_ema_averages_parameters_and_copies_buffers():
+    import torch
+    from torch import nn
+
+    from pipeline.train import WeightEMA
+
+    live = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = WeightEMA(live, decay=0.9, device=torch.device("cpu"))
+    before = live[0].weight.detach().clone()
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+        live[1].running_mean.fill_(5.0)
+    ema.update(live)
+    assert torch.allclose(ema.module[0].weight, before + 0.1)  # 0.9 * old + 0.1 * new
+    assert torch.equal(ema.module[1].running_mean, torch.full((2,), 5.0))  # copied, not averaged
