@@ -575,7 +575,11 @@ class ShardLoader:
             return self._eval_loader
         dataset = dataclasses.replace(self.dataset, start_batch=self._next_batch)
         workers = self.num_workers
+        # Our streams are seeded by (seed, rank, worker) alone; a private generator keeps the
+        # DataLoader from drawing its base seed from the global torch RNG, which would shift
+        # the training random numbers of a resumed run against an uninterrupted one.
         loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers,
+                            generator=torch.Generator(),
                             pin_memory=torch.cuda.is_available(),
                             prefetch_factor=4 if workers else None,
                             # Eval runs again and again: keep its workers rather than re-fork.

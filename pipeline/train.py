@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import itertools
 import math
 import os
 import signal
@@ -32,7 +31,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -310,8 +309,7 @@ def load_val_set(cfg: Config, accelerator: Accelerator) -> ValSet:
     loader = make_loader(cfg.data.val_shards, cfg.train.batch_size, mode="eval", num_workers=0,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          max_samples=cfg.data.val_samples)
-    with rng_neutral(accelerator.device):  # see start_stream
-        batches = [images for images, _labels, _keys in loader]
+    batches = [images for images, _labels, _keys in loader]
     images = torch.cat(batches) if batches else torch.zeros(0, 3, 64, 64, dtype=torch.uint8)
     return ValSet(images, mean_image_error(images, cfg, accelerator))
 
@@ -512,16 +510,6 @@ def rng_neutral(device: torch.device) -> Iterator[None]:
         yield
 
 
-def start_stream(loader: Iterable, device: torch.device) -> Iterator:
-    """Start the train stream without touching the training RNG: torch's DataLoader draws a
-    seed from the global generator when its iterator starts, which would shift a resumed
-    run's random numbers (VQ code restarts, VAE noise) against an uninterrupted run's."""
-    batches = iter(loader)
-    with rng_neutral(device):
-        first = next(batches)
-    return itertools.chain([first], batches)
-
-
 def forward_backward(run: Run, batches: Iterator, window: Window, step: int) -> dict[str, Tensor]:
     """`grad_accum` micro-batches of forward + backward; returns their mean loss terms."""
     cfg, accelerator = run.cfg, run.accelerator
@@ -614,11 +602,11 @@ def train_loop(run: Run, state: TrainerState, stop: StopSignal) -> int:
     val = load_val_set(cfg, accelerator)
     if state.step == 0:  # the untrained baseline, so curves start somewhere meaningful
         run.logger.log(evaluate_now(run, val, 0, with_images=False), step=0)
-    batches = start_stream(make_loader(
+    batches = iter(make_loader(
         cfg.data.train_shards, t.batch_size, mode="train", num_workers=cfg.data.num_workers,
         seed=t.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
         start_batch=state.batches_consumed, shuffle_buffer=cfg.data.shuffle_buffer,
-        flip=cfg.data.flip), accelerator.device)
+        flip=cfg.data.flip))
     window = Window()
     bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
