@@ -257,7 +257,11 @@ def read_devkit_synsets(path: Path) -> list[str]:
     """ILSVRC2012_ID order (1-based IDs -> wnids) from the devkit's meta.mat or from a
     `map_clsloc.txt`-style text file (`wnid id name` or one wnid per line)."""
     if path.suffix == ".mat":
-        from scipy.io import loadmat  # only this rare input needs scipy
+        try:
+            from scipy.io import loadmat  # only this rare input needs scipy
+        except ImportError:
+            raise PipelineError(f"reading {path} needs scipy: pip install 'ae-pipeline[devkit]',"
+                                f" or give the synset order as a map_clsloc.txt") from None
 
         synsets = loadmat(str(path), squeeze_me=True)["synsets"]
         leaves = [s for s in synsets if int(s["num_children"]) == 0]

@@ -53,8 +53,9 @@ def subprocess_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_shards, tmp_path_factory):
-    """One short run per model; the VAE logs to W&B offline, the AE keeps 2 of 3 checkpoints."""
+def trained(sample_shards, tmp_path_factory):
+    """One short run per model on the embedded sample data; the VAE logs to W&B offline,
+    the AE keeps 2 of 3 checkpoints."""
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = tmp_path_factory.mktemp("runs")
@@ -65,7 +66,7 @@ def trained(synthetic_shards, tmp_path_factory):
     runs = {}
     for model, steps in CONVERGENCE_STEPS.items():
         runs[model] = root / model
-        assert train.main(args_for(synthetic_shards, runs[model], model, steps,
+        assert train.main(args_for(sample_shards, runs[model], model, steps,
                                    *extra[model])) == 0
     return runs
 
