@@ -97,7 +97,8 @@ def test_pax_global_header_and_meta_members_match_webdataset(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["a.png", "a.b.c", "dir/a.png", "d.x/a.seg.PNG", "noext",
-                                  ".hidden", "dir/.hidden", "a.b/c", "dir/", "x.", "a..b"])
+                                  ".hidden", "dir/.hidden", "a.b/c", "dir/", "x.", "a..b", ".",
+                                  "K.PNG"])
 def test_split_member_name_is_webdataset_rule(name):
     key, ext = base_plus_ext(name)
     expected = None if key is None else (key, ext.lower())
