@@ -27,7 +27,6 @@ dropped (pixels are taken as sRGB, as those loaders take them).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -38,7 +37,6 @@ import re
 import sys
 import time
 import warnings
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +47,7 @@ from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import __version__
+from .inputs import ClassMap, Item, input_fingerprint, list_split, resolve_classes
 from .shards import (FAILURES_NAME, IMAGE_EXTS, MANIFEST_FORMAT, MANIFEST_NAME,
                      shard_name, write_manifest, write_shard)
 from .utils import (PipelineError, atomic_write_json, atomic_write_text, available_cpus,
@@ -81,14 +80,6 @@ JOB_RECORD = "job.json"
 PROGRESS_DIR = ".progress"
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 SLURM_PART_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
-
-# Where the labels of a flat val/ directory are looked for in ROOT, in this order.
-KAGGLE_LABELS = "LOC_val_solution.csv"
-GROUND_TRUTH_LABELS = "ILSVRC2012_validation_ground_truth.txt"
-PLAIN_LABELS = "val_labels.csv"
-SYNSET_MAPPING = "LOC_synset_mapping.txt"
-DEVKIT_DATA_DIRS = (".", "ILSVRC2012_devkit_t12/data", "devkit/data")  # relative to ROOT
-DEVKIT_SYNSET_FILES = ("meta.mat", "map_clsloc.txt")
 
 
 # ---------------------------------------------------------------- options
@@ -133,264 +124,6 @@ class Options:
 OPTION_FLAGS = {"image_size": "--image-size", "resize": "--resize",
                 "image_format": "--image-format", "quality": "--quality",
                 "shard_size": "--shard-size", "seed": "--seed", "max_pixels": "--max-pixels"}
-
-
-# ---------------------------------------------------------------- inputs: classes and labels
-
-@dataclass(frozen=True)
-class ClassMap:
-    wnids: list[str]
-    names: list[str | None]
-    source: str  # where the order came from, for the manifest and messages
-
-    def index(self) -> dict[str, int]:
-        return {wnid: i for i, wnid in enumerate(self.wnids)}
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input file: `src` is its path relative to ROOT; `wnid` None = no label found."""
-
-    src: str
-    wnid: str | None
-    label: int | None
-    key: str
-
-
-def read_synset_lines(path: Path) -> tuple[list[str], dict[str, str]]:
-    """`wnid [name...]` lines (LOC_synset_mapping.txt, a --classes file) -> order, names."""
-    wnids, names = [], {}
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipelineError(f"cannot read class list {path}: {e}") from e
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        wnid, _, name = line.partition(" ")
-        wnids.append(wnid.strip(","))
-        if name.strip():
-            names[wnids[-1]] = name.strip()
-    duplicates = sorted(w for w, n in Counter(wnids).items() if n > 1)
-    if not wnids or duplicates:
-        problem = f"repeats {', '.join(duplicates[:5])}" if duplicates else "lists no classes"
-        raise PipelineError(f"class list {path} {problem}: one wnid per line, each once")
-    return wnids, names
-
-
-def class_folders(split_dir: Path) -> list[str]:
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def existing_train_classes(output: Path) -> list[str] | None:
-    """The class map of a train split already prepared into OUT (manifest or part manifest)."""
-    train_dir = output / "train"
-    candidates = [train_dir / MANIFEST_NAME, *sorted(train_dir.glob("manifest.part-*.json"))]
-    for path in candidates:
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())["classes"]
-            except (OSError, ValueError, KeyError) as e:
-                raise PipelineError(f"cannot read the class map of {path}: {e}") from e
-    return None
-
-
-def resolve_classes(root: Path, output: Path, splits: list[str],
-                    classes_file: Path | None) -> ClassMap:
-    """Class indices shared by every split: --classes, else ROOT/train's sorted folders
-    (torchvision's ImageNet/ImageFolder order), else OUT/train's manifest, else the
-    split's own folders (a plain ImageFolder tree)."""
-    names: dict[str, str] = {}
-    if (root / SYNSET_MAPPING).is_file():
-        names = read_synset_lines(root / SYNSET_MAPPING)[1]
-    prepared = existing_train_classes(output)
-    if classes_file is not None:
-        wnids, own_names = read_synset_lines(classes_file)
-        names = {**names, **own_names}
-        source = str(classes_file)
-    elif (root / "train").is_dir() and class_folders(root / "train"):
-        wnids, source = class_folders(root / "train"), "sorted folders of ROOT/train"
-    elif prepared is not None:
-        wnids, source = prepared, f"{output / 'train' / MANIFEST_NAME}"
-    else:
-        with_folders = [s for s in splits if (root / s).is_dir() and class_folders(root / s)]
-        if not with_folders:
-            raise PipelineError(
-                f"no class map for {', '.join(splits)}: {root} has no train/ class folders and "
-                f"{output}/train holds no prepared manifest; prepare train first into the same "
-                "--output, or pass --classes FILE (one wnid per line, in index order)")
-        wnids = class_folders(root / with_folders[0])
-        source = f"sorted folders of ROOT/{with_folders[0]}"
-    if prepared is not None and prepared != wnids and "train" not in splits:
-        raise PipelineError(
-            f"the class map from {source} differs from the one of {output}/train "
-            f"({len(wnids)} vs {len(prepared)} classes): splits of one output must share "
-            "class indices; use the same --classes, or a new --output")
-    return ClassMap(wnids, [names.get(w) for w in wnids], source)
-
-
-def stem_of(name: str) -> str:
-    """`dir/ILSVRC2012_val_00000001.JPEG` -> `ILSVRC2012_val_00000001`."""
-    return Path(name.strip()).name.split(".")[0]
-
-
-def read_kaggle_labels(path: Path, rows: list[list[str]]) -> dict[str, str]:
-    # PredictionString: space-separated groups `wnid xmin ymin xmax ymax`; the label is the
-    # first wnid. Rows are not sorted and strings end with a space.
-    return {stem_of(r[0]): r[1].split()[0] for r in rows[1:] if len(r) > 1 and r[1].strip()}
-
-
-def read_plain_labels(path: Path, rows: list[list[str]], classes: ClassMap) -> dict[str, str]:
-    known = set(classes.wnids)
-    # An optional header row is recognised by its second field not being a class.
-    body = rows[1:] if rows and len(rows[0]) > 1 and rows[0][1].strip() not in known else rows
-    labels = {}
-    for line_no, row in enumerate(body, start=len(rows) - len(body) + 1):
-        if len(row) < 2:
-            raise PipelineError(f"{path}:{line_no}: expected `filename,wnid`, got {row}")
-        labels[stem_of(row[0])] = row[1].strip()
-    return labels
-
-
-def read_devkit_synsets(path: Path) -> list[str]:
-    """ILSVRC2012_ID order (1-based IDs -> wnids) from the devkit's meta.mat or from a
-    `map_clsloc.txt`-style text file (`wnid id name` or one wnid per line)."""
-    if path.suffix == ".mat":
-        try:
-            from scipy.io import loadmat  # only this rare input needs scipy
-        except ImportError:
-            raise PipelineError(f"reading {path} needs scipy: pip install 'ae-pipeline[devkit]',"
-                                f" or give the synset order as a map_clsloc.txt") from None
-
-        synsets = loadmat(str(path), squeeze_me=True)["synsets"]
-        leaves = [s for s in synsets if int(s["num_children"]) == 0]
-        return [str(s["WNID"]) for s in sorted(leaves, key=lambda s: int(s["ILSVRC2012_ID"]))]
-    entries = [line.split() for line in path.read_text().splitlines() if line.strip()]
-    if all(len(e) >= 2 and e[1].isdigit() for e in entries):
-        entries.sort(key=lambda e: int(e[1]))
-    return [e[0] for e in entries]
-
-
-def find_devkit_synsets(label_file: Path, root: Path) -> Path:
-    places = [label_file.parent, *(root / d for d in DEVKIT_DATA_DIRS)]
-    for place in places:
-        for name in DEVKIT_SYNSET_FILES:
-            if (place / name).is_file():
-                return place / name
-    raise PipelineError(
-        f"{label_file} gives class numbers in the devkit's synset order, but no "
-        f"{' or '.join(DEVKIT_SYNSET_FILES)} was found beside it or in {root}: put the "
-        "devkit's data/ files there, or give labels as a `filename,wnid` CSV")
-
-
-def read_ground_truth_labels(path: Path, lines: list[str], root: Path) -> dict[str, str]:
-    synsets = read_devkit_synsets(find_devkit_synsets(path, root))
-    labels = {}
-    for i, line in enumerate(lines, start=1):
-        class_id = int(line)
-        if not 1 <= class_id <= len(synsets):
-            raise PipelineError(f"{path}:{i}: class number {class_id} is outside the "
-                                f"devkit's 1..{len(synsets)}")
-        labels[f"ILSVRC2012_val_{i:08d}"] = synsets[class_id - 1]
-    return labels
-
-
-def read_val_labels(path: Path, root: Path, classes: ClassMap) -> dict[str, str]:
-    """File stem -> wnid from any of the supported label files (sniffed by content)."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipelineError(f"cannot read val labels {path}: {e}") from e
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if lines and all(line.isdigit() for line in lines):
-        return read_ground_truth_labels(path, lines, root)
-    rows = list(csv.reader(lines))
-    if rows and [c.strip() for c in rows[0][:2]] == ["ImageId", "PredictionString"]:
-        return read_kaggle_labels(path, rows)
-    return read_plain_labels(path, rows, classes)
-
-
-def find_val_labels(root: Path) -> Path | None:
-    for name in (KAGGLE_LABELS, GROUND_TRUTH_LABELS, PLAIN_LABELS):
-        for place in (root / d for d in DEVKIT_DATA_DIRS):
-            if (place / name).is_file():
-                return place / name
-    return None
-
-
-# ---------------------------------------------------------------- inputs: listing and keys
-
-def list_files(directory: Path) -> list[Path]:
-    """Every regular file under `directory` (following links), sorted; hidden files skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
-    return sorted(found)
-
-
-def sanitise_key(stem: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "_"
-
-
-def assign_keys(srcs: list[str]) -> list[str]:
-    """Keys from file stems (`n01440764_10026`); stems that collide (same name in two
-    folders, or names differing only in dots) get a hash of their path appended, so keys
-    stay unique and stable across runs and machines."""
-    bases = [sanitise_key(Path(src).name.split(".")[0]) for src in srcs]
-    counts = Counter(bases)
-    keys = [b if counts[b] == 1 else f"{b}_{hashlib.sha1(s.encode()).hexdigest()[:10]}"
-            for b, s in zip(bases, srcs)]
-    if len(set(keys)) != len(keys):  # pragma: no cover - needs a 40-bit hash collision
-        raise PipelineError("could not derive unique sample keys from the file names")
-    return keys
-
-
-def list_split(root: Path, split: str, classes: ClassMap,
-               val_labels: Path | None) -> tuple[list[Item], str]:
-    """Every input of a split with its label; returns the items and how they were labelled."""
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise PipelineError(f"{split_dir} does not exist: --splits names subdirectories of "
-                            f"--input ({root})")
-    files = list_files(split_dir)
-    srcs = [f.relative_to(root).as_posix() for f in files]
-    if class_folders(split_dir):
-        # ImageFolder layout: the first folder below the split names the class; files
-        # directly in the split directory get no label (listed as failures).
-        wnids = [Path(s).parts[1] if len(Path(s).parts) > 2 else None for s in srcs]
-        labelled_by = "class folders"
-    else:
-        labels_path = val_labels or find_val_labels(root)
-        if labels_path is None:
-            raise PipelineError(
-                f"{split_dir} is flat (no class folders) and no labels were found in {root} "
-                f"({KAGGLE_LABELS}, {GROUND_TRUTH_LABELS} + devkit, or {PLAIN_LABELS}); "
-                "pass --val-labels FILE")
-        labels = read_val_labels(labels_path, root, classes)
-        wnids = [labels.get(stem_of(s)) for s in srcs]
-        labelled_by = str(labels_path)
-    index = classes.index()
-    check_known_classes(split, wnids, index, classes.source)
-    keys = assign_keys(srcs)
-    items = [Item(s, w, index.get(w) if w else None, k) for s, w, k in zip(srcs, wnids, keys)]
-    return items, labelled_by
-
-
-def check_known_classes(split: str, wnids: list[str | None], index: dict[str, int],
-                        source: str) -> None:
-    unknown = sorted({w for w in wnids if w is not None and w not in index})
-    if unknown:
-        raise PipelineError(
-            f"{split}: {len(unknown)} classes are not in the class map from {source} "
-            f"(e.g. {', '.join(unknown[:3])}): remove those inputs or pass --classes with "
-            "every class")
-
-
-def input_fingerprint(items: list[Item]) -> dict[str, Any]:
-    listing = hashlib.sha256("".join(f"{i.src}\t{i.wnid}\n" for i in items).encode())
-    return {"num_files": len(items), "listing_sha256": listing.hexdigest()}
 
 
 # ---------------------------------------------------------------- one image

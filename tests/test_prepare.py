@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline import prepare as prep
+from pipeline import inputs, prepare as prep
 from pipeline.cli import run_stage
 from pipeline.sample import write_benchmark_jpegs, write_sample_tree
 from pipeline.utils import PipelineError
@@ -291,11 +291,11 @@ def test_quality_is_refused_for_lossless_formats(sample_root, tmp_path):
 
 def test_keys_are_dot_free_unique_and_stable():
     srcs = ["train/a/x.JPEG", "train/b/x.JPEG", "train/a/img.v2.JPEG", "train/a/y z.JPEG"]
-    keys = prep.assign_keys(srcs)
-    assert keys == prep.assign_keys(srcs)
+    keys = inputs.assign_keys(srcs)
+    assert keys == inputs.assign_keys(srcs)
     assert len(set(keys)) == 4 and all("." not in k and "/" not in k for k in keys)
     assert keys[0].startswith("x_") and keys[1].startswith("x_") and keys[3] == "y_z"
-    assert prep.assign_keys(["train/n01/n01_10026.JPEG"]) == ["n01_10026"]
+    assert inputs.assign_keys(["train/n01/n01_10026.JPEG"]) == ["n01_10026"]
 
 
 def test_part_from_flag_and_slurm_array():

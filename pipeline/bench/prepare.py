@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import prepare as prep
+from .. import inputs, prepare as prep
 from ..sample import write_benchmark_jpegs
 from ..shards import shard_name, write_shard
 from ..utils import PipelineError, available_cpus, dumps_json
@@ -54,9 +54,9 @@ def link_tree(files: list[Path], root: Path) -> Path:
 
 def naive_baseline(root: Path, out: Path, options: prep.Options) -> tuple[float, float]:
     """One process, full decode: (wall, CPU) seconds to write the same shards as the job."""
-    classes = prep.resolve_classes(root, out, ["train"], None)
+    classes = inputs.resolve_classes(root, out, ["train"], None)
     start, cpu_start = time.perf_counter(), time.process_time()
-    items, _ = prep.list_split(root, "train", classes, None)
+    items, _ = inputs.list_split(root, "train", classes, None)
     samples = [(item.key, prep.sample_members(item, root, options, reduced_decode=False))
                for item in items]
     for i in range(0, len(samples), options.shard_size):
@@ -70,7 +70,7 @@ def timed_job(root: Path, out: Path, options: prep.Options,
     """(pool start-up, job wall, this process's CPU) seconds of `pipeline prepare`.
 
     With one worker the job runs in this process, so its CPU time is the job's."""
-    classes = prep.resolve_classes(root, out, ["train"], None)
+    classes = inputs.resolve_classes(root, out, ["train"], None)
     start = time.perf_counter()
     with prep.executor(workers) as run_map:
         # Start every worker and import its modules before the clock starts.
