@@ -47,6 +47,7 @@ from .checkpoint import (STATE_SUBDIR, TrainerState, check_model_matches, comple
 from .config import (Config, OptimConfig, add_config_arguments, build_config, list_presets,
                      load_preset, to_yaml)
 from .data import make_loader, normalize, resolve_spec
+from .metrics import per_image_l1, per_image_mse, per_image_psnr, to_unit_range
 from .models import build_model, compute_loss, save_pretrained
 from .tracking import RunLogger, check_tracker_available, project_configuration
 from .utils import PipelineError, atomic_write_json, atomic_write_text, available_cpus, provenance
@@ -298,9 +299,7 @@ class ValSet:
 
 def recon_error(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     """Per-image reconstruction error, same definition as the training loss (mean over pixels)."""
-    diff = pred - target
-    per_pixel = diff.abs() if kind == "l1" else diff.square()
-    return per_pixel.flatten(1).mean(1)
+    return per_image_l1(pred, target) if kind == "l1" else per_image_mse(pred, target)
 
 
 def load_val_set(cfg: Config, accelerator: Accelerator) -> ValSet:
@@ -336,11 +335,12 @@ def validate(model: nn.Module, val: ValSet, cfg: Config, accelerator: Accelerato
         with accelerator.autocast():
             out = model(x)
             loss, parts = compute_loss(out, x, cfg.loss, step)
-        recon = out.recon.float().clamp(-1, 1)
-        mse01 = recon_error(recon / 2, x / 2, "mse")  # on the [0, 1] scale, for PSNR
+        # MSE and PSNR as `pipeline evaluate` defines them: on [0, 1], PSNR capped per image.
+        recon01, x01 = to_unit_range(out.recon), to_unit_range(x)
         n = len(x)
-        sums += torch.stack([loss.float() * n, parts["recon"].float() * n, mse01.sum(),
-                             (10 * torch.log10(1 / mse01.clamp(min=1e-10))).sum(),
+        sums += torch.stack([loss.float() * n, parts["recon"].float() * n,
+                             per_image_mse(recon01, x01).sum(),
+                             per_image_psnr(recon01, x01).sum(),
                              torch.tensor(float(n), device=x.device)])
     loss_sum, recon_sum, mse_sum, psnr_sum, count = accelerator.reduce(sums, "sum").tolist()
     return {"val/loss": loss_sum / count, "val/recon": recon_sum / count,
