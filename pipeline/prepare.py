@@ -703,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tree holding train/<wnid>/*.JPEG and/or val/ (class folders, or flat "
                         "with labels in ROOT: LOC_val_solution.csv, "
                         "ILSVRC2012_validation_ground_truth.txt + devkit, val_labels.csv)")
-    p.add_argument("--output", type=Path, metavar="OUT",
-                   help="local directory; each split goes to OUT/<split>/")
+    p.add_argument("--output", type=Path, metavar="OUT", default=Path("shards"),
+                   help="local directory; each split goes to OUT/<split>/ (default: shards, "
+                        "the project's shard root)")
     p.add_argument("--merge", type=Path, metavar="OUT",
                    help="instead of preparing: join the part manifests of OUT's splits into "
                         "manifest.json + failures.jsonl (idempotent)")
@@ -756,8 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in merge(args.merge, splits):
             print(f"merged -> {path}")
         return 0
-    if args.input is None or args.output is None:
-        raise PipelineError("--input ROOT and --output OUT are required (or --merge OUT)")
+    if args.input is None:
+        raise PipelineError("--input ROOT is required (or --merge OUT)")
     if args.workers is not None and args.workers < 1:
         raise PipelineError(f"--workers must be at least 1, got {args.workers}")
     options = Options(image_size=args.image_size, resize=args.resize,

@@ -566,3 +566,13 @@ def test_val_only_run_reads_the_train_manifest_class_map(sample_root, tmp_path):
     assert val["classes"] == train["classes"]
     assert val["class_map_source"].endswith("train/manifest.json")
     assert labels_of(out) == kaggle_labels(sample_root)
+
+
+def test_output_defaults_to_the_shards_root(tmp_path, monkeypatch):
+    write_sample_tree(tmp_path / "tree", num_classes=2, train_per_class=3, val_per_class=2,
+                      progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert prep.main(["--input", "tree", "--splits", "train", "--workers", "1",
+                      "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 6
