@@ -20,7 +20,12 @@ sample is skipped with a ShardWarning and counted, so `num_seen + num_skipped` s
 over ranks equals the manifest's count (or it raises, with on_error="raise").
 
 Images stay uint8 until `normalize` runs on the device, so host-to-device copies are
-a quarter of the size of float32 ones.
+a quarter of the size of float32 ones. A batch is B x 3 x H x W in channels-last memory
+(a view of the B x H x W x 3 rows the decoders produce): the layout change happens in
+`normalize`, on the device, instead of as a transposing copy per sample on the host.
+
+Worker batches reach the main process without a copy: each worker fills shared-memory
+buffers that it reuses once the caller has dropped the batch in them (_BatchBuffers).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from braceexpand import braceexpand
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen, gopen_schemes
 
@@ -49,6 +55,10 @@ from .shards import (IMAGE_EXTS, MANIFEST_NAME, TarFormatError, iter_samples, ma
                      read_manifest)
 from .utils import PipelineError
 
+try:  # libspng (extra `fast`): ~1.6x torchvision's libpng on 64x64 shard PNGs
+    import pyspng
+except ImportError:
+    pyspng = None
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec, but ~1.3x faster than PIL here
     from torchvision.io import ImageReadMode, decode_png
 except ImportError:  # a torchvision without it: PNG falls back to PIL
@@ -56,6 +66,10 @@ except ImportError:  # a torchvision without it: PNG falls back to PIL
 
 MODES = ("train", "eval")
 READ_BUFFER = 1 << 20  # bytes buffered per open shard
+PREFETCH = 4  # batches each DataLoader worker prepares ahead (its prefetch_factor)
+# Reusable shared-memory batch buffers per worker: its prefetched batches, the one the
+# caller holds and the one it just dropped (reclaimed at the next batch), plus slack.
+BUFFER_SLOTS = PREFETCH + 4
 ON_ERROR = ("warn", "raise")
 Spec = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -229,33 +243,60 @@ def _decode_npy(data: bytes) -> np.ndarray:
     array = np.frombuffer(data, dtype=np.uint8, count=count, offset=end)
     array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
     if array.ndim == 2:
-        return np.broadcast_to(array, (3, *array.shape))
+        return np.broadcast_to(array[..., None], (*array.shape, 3))
     if array.ndim != 3 or 3 not in (array.shape[0], array.shape[2]):
         raise ValueError(f".npy array has shape {array.shape}, expected H x W x 3 or 3 x H x W")
-    return array.transpose(2, 0, 1) if array.shape[2] == 3 else array
+    return array if array.shape[2] == 3 else array.transpose(1, 2, 0)
 
 
 def _decode_png(data: bytes) -> np.ndarray:
+    _check_png_depth(data)
     image = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
     if image.dtype != torch.uint8:
         raise ValueError(f"{image.dtype} PNG: shards hold 8-bit images")
-    return image.numpy()
+    return image.permute(1, 2, 0).numpy()  # decode_png's 3 x H x W is a view of H x W x 3
+
+
+def _check_png_depth(data: bytes) -> None:
+    """Shards hold 8-bit images; decoders would silently convert 16-bit ones each their
+    own way, so every PNG decoder refuses them alike (IHDR's bit depth, byte 24)."""
+    if data[12:16] == b"IHDR" and data[24:25] == b"\x10":
+        raise ValueError("16-bit PNG: shards hold 8-bit images")
+
+
+def _decode_spng(data: bytes) -> np.ndarray:
+    _check_png_depth(data)
+    return pyspng.load(data, format="RGB")
+
+
+def _decode_png_pil(data: bytes) -> np.ndarray:
+    _check_png_depth(data)
+    return _decode_pil(data)
 
 
 def _decode_pil(data: bytes) -> np.ndarray:
     from PIL import Image
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+        return np.asarray(image.convert("RGB"))
 
 
+PNG_DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
+    name: decoder for name, decoder, available in [("pyspng", _decode_spng, pyspng is not None),
+                                                   ("torchvision", _decode_png,
+                                                    decode_png is not None),
+                                                   ("pil", _decode_png_pil, True)] if available}
+PNG_DECODER = next(iter(PNG_DECODERS))  # the fastest one installed
 _DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
-    "png": _decode_png if decode_png is not None else _decode_pil, "npy": _decode_npy,
-    "webp": _decode_pil, "jpg": _decode_pil}
+    "png": PNG_DECODERS[PNG_DECODER], "npy": _decode_npy, "webp": _decode_pil, "jpg": _decode_pil}
 
 
 def decode_image(members: dict[str, bytes]) -> np.ndarray:
-    """The sample's image as a uint8 3 x H x W array (possibly a read-only or strided view:
-    collation copies it); raises if the sample has no image or it does not decode."""
+    """The sample's image as a uint8 H x W x 3 array (possibly a read-only or strided view:
+    collation copies it); raises if the sample has no image or it does not decode.
+
+    Rows of RGB pixels are how every decoder delivers an image; batches keep that
+    layout in memory (see `_batched`), because a transposing copy to 3 x H x W would
+    cost a raw sample more than its whole decode."""
     for ext in IMAGE_EXTS:
         if ext in members:
             return _DECODERS[ext](members[ext])
@@ -264,14 +305,15 @@ def decode_image(members: dict[str, bytes]) -> np.ndarray:
 
 # ---------------------------------------------------------------- worker side
 
-# A decoded sample: (image 3 x H x W, label, key, mirror it?)
+# A decoded sample: (image H x W x 3, label, key, mirror it?)
 Sample = tuple[np.ndarray, int, str, bool]
 
 
 class _Batch(NamedTuple):
-    images: torch.Tensor
-    labels: torch.Tensor
+    images: torch.Tensor | None  # None: the batch is in `buffer`, which the main process has
+    labels: np.ndarray
     keys: list[str]
+    buffer: tuple[int, int] | None = None  # (worker, slot) of a _BatchBuffers buffer
 
 
 class _WorkerReport(NamedTuple):
@@ -311,24 +353,63 @@ def _shuffled(items: Iterator[Any], buffer_size: int, rng: random.Random) -> Ite
     yield from buffer
 
 
-def _batched(samples: Iterator[Sample], batch_size: int) -> Iterator[_Batch]:
+class _BatchBuffers:
+    """Shared-memory batch buffers that one DataLoader worker reuses, with busy flags.
+
+    Measured per 64x64 raw sample, a fresh shared-memory block per batch costs ≈ 14 µs
+    (every page faulted in on first write) and handing its file descriptor to the main
+    process a few more, against ≈ 33 µs for a worker's whole budget. So a worker fills
+    a free buffer of its own and marks it busy in `flags[worker]`, an array shared with
+    the main process. The buffer itself crosses to the main process once, with its
+    first batch; later batches in it send only (worker, slot). The main process clears
+    the flag once nothing references that batch any more (ShardLoader._reclaim), so a
+    batch the caller still holds is never overwritten; with every buffer busy the
+    worker falls back to a one-off block and never waits.
+    """
+
+    def __init__(self, flags: torch.Tensor, worker: int, send_always: bool):
+        self.busy = flags[worker].numpy()
+        self.worker = worker
+        self.send_always = send_always  # pinned loaders: the pin thread needs the tensor
+        self.buffers: list[torch.Tensor] = []
+
+    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int] | None, bool]:
+        """(buffer, its (worker, slot) or None for a one-off, send the tensor along?)"""
+        for slot, buffer in enumerate(self.buffers):
+            if not self.busy[slot] and buffer.shape == shape:
+                self.busy[slot] = 1
+                return buffer, (self.worker, slot), self.send_always
+        batch = torch.empty(shape, dtype=torch.uint8).share_memory_()
+        if len(self.buffers) == len(self.busy):
+            return batch, None, True
+        self.buffers.append(batch)
+        self.busy[len(self.buffers) - 1] = 1
+        return batch, (self.worker, len(self.buffers) - 1), True
+
+
+def _batched(samples: Iterator[Sample], batch_size: int,
+             buffers: _BatchBuffers | None = None) -> Iterator[_Batch]:
     """Collate in the worker: one IPC message per batch instead of one per sample.
 
-    Stacking and flipping run in numpy on the whole batch: torch's uint8 permute and
-    flip copies cost several times more per image at 64x64. In a DataLoader worker the
-    batch is built in shared memory, which saves the copy that sending it would make."""
-    in_worker = get_worker_info() is not None
+    Images are stacked as they decode, B x H x W x 3 (a plain copy; transposing each to
+    3 x H x W would cost ≈ 4 µs a sample), and the main process yields that memory as
+    a B x 3 x H x W channels-last view. Stacking and flipping run in numpy on the whole
+    batch: torch's uint8 copies cost several times more per image at 64x64. In a
+    DataLoader worker the batch is built in a reused shared-memory buffer
+    (_BatchBuffers). Labels travel as a numpy array: pickled by value, where a tensor
+    would take a shared-memory block and a file-descriptor handover of its own."""
     while chunk := list(itertools.islice(samples, batch_size)):
         arrays, labels, keys, flips = zip(*chunk)
-        batch = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8)
-        if in_worker:
-            batch.share_memory_()
+        shape = (len(arrays), *arrays[0].shape)
+        batch, buffer, send = (buffers.take(shape) if buffers is not None
+                               else (torch.empty(shape, dtype=torch.uint8), None, True))
         images = batch.numpy()
         np.stack(arrays, out=images)
         if any(flips):
             mirrored = np.array(flips)
-            images[mirrored] = images[mirrored][..., ::-1]
-        yield _Batch(batch, torch.tensor(labels, dtype=torch.int64), list(keys))
+            images[mirrored] = images[mirrored][:, :, ::-1]
+        yield _Batch(batch if send else None, np.array(labels, dtype=np.int64), list(keys),
+                     buffer)
 
 
 @functools.lru_cache(maxsize=4)
@@ -367,7 +448,17 @@ class ShardStream(IterableDataset):
     max_samples: int | None = None
     on_error: str = "warn"
     image_size: int | None = None
+    buffer_flags: torch.Tensor | None = None  # shared busy flags of the workers' buffers
+    pinned: bool = False  # the DataLoader pins batches: send every batch to its pin thread
     _state: _WorkerState = field(default_factory=_WorkerState, init=False, repr=False)
+    _buffers: _BatchBuffers | None = field(default=None, init=False, repr=False)
+
+    def _batch_buffers(self, worker: int) -> _BatchBuffers | None:
+        """This worker's buffers; kept across passes, as persistent (eval) workers live on."""
+        if self._buffers is None and self.buffer_flags is not None and get_worker_info():
+            self._buffers = _BatchBuffers(self.buffer_flags, worker,
+                                          send_always=self.pinned)
+        return self._buffers
 
     def __iter__(self) -> Iterator[_Batch | _WorkerReport]:
         worker, num_workers = _worker_slot()
@@ -377,7 +468,8 @@ class ShardStream(IterableDataset):
                 yield from self._train_batches(worker, num_workers)
             else:
                 slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-                yield from _batched(self._eval_samples(slot, slots), self.batch_size)
+                yield from _batched(self._eval_samples(slot, slots), self.batch_size,
+                                    self._batch_buffers(worker))
         except PipelineError as error:
             yield _WorkerReport(self._state.skipped, str(error))
             return
@@ -425,10 +517,10 @@ class ShardStream(IterableDataset):
         except Exception as error:  # noqa: BLE001 - PIL, libpng and numpy raise many types
             self._fail(f"sample {key} of shard {url}", error, 1)
             return None
-        size = self._state.image_size or image.shape[-1]
+        size = self._state.image_size or image.shape[1]
         self._state.image_size = size
-        if image.shape[-2:] != (size, size):
-            height, width = image.shape[-2:]
+        if image.shape[:2] != (size, size):
+            height, width = image.shape[:2]
             raise PipelineError(f"shard {url}: sample {key} is {height}x{width}, but this shard "
                                 f"set is {size}x{size}: mixed resolutions; "
                                 f"re-run `pipeline prepare` for this shard")
@@ -443,7 +535,7 @@ class ShardStream(IterableDataset):
         own_batches_done = len(range(stream, self.start_batch, num_workers))
         samples = self._train_samples(self.rank * num_workers + stream,
                                       own_batches_done * self.batch_size)
-        return _batched(samples, self.batch_size)
+        return _batched(samples, self.batch_size, self._batch_buffers(worker))
 
     def _round_shard(self, stream: int, round_index: int) -> int:
         pass_index, position = divmod(round_index, len(self.shards.urls))
@@ -540,6 +632,11 @@ def _identity(item: Any) -> Any:
     return item
 
 
+def _pin_memory() -> bool:
+    """Pin batches (a pin thread copies each into page-locked memory) when CUDA is there."""
+    return torch.cuda.is_available()
+
+
 def _distributed_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None or world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -571,6 +668,10 @@ class ShardLoader:
         self.num_skipped = 0
         self._next_batch = dataset.start_batch
         self._eval_loader: DataLoader | None = None
+        # Worker buffers (worker, slot): their mapping here, and a weak reference to the
+        # storage of the batch the caller may still hold in each.
+        self._mapped: dict[tuple[int, int], torch.Tensor] = {}
+        self._lent: dict[tuple[int, int], StorageWeakRef] = {}
 
     def _expected_total(self) -> int | None:
         total, max_samples = self.dataset.shards.total, self.dataset.max_samples
@@ -579,15 +680,19 @@ class ShardLoader:
     def _dataloader(self) -> DataLoader:
         if self.dataset.mode == "eval" and self._eval_loader is not None:
             return self._eval_loader
-        dataset = dataclasses.replace(self.dataset, start_batch=self._next_batch)
         workers = self.num_workers
+        self._mapped, self._lent = {}, {}  # a new DataLoader: new workers, new buffers
+        flags = (torch.zeros((workers, BUFFER_SLOTS), dtype=torch.uint8).share_memory_()
+                 if workers else None)
+        pinned = _pin_memory()
+        dataset = dataclasses.replace(self.dataset, start_batch=self._next_batch,
+                                      buffer_flags=flags, pinned=pinned)
         # Our streams are seeded by (seed, rank, worker) alone; a private generator keeps the
         # DataLoader from drawing its base seed from the global torch RNG, which would shift
         # the training random numbers of a resumed run against an uninterrupted one.
         loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers,
-                            generator=torch.Generator(),
-                            pin_memory=torch.cuda.is_available(),
-                            prefetch_factor=4 if workers else None,
+                            generator=torch.Generator(), pin_memory=pinned,
+                            prefetch_factor=PREFETCH if workers else None,
                             # Eval runs again and again: keep its workers rather than re-fork.
                             persistent_workers=workers > 0 and self.dataset.mode == "eval")
         if self.dataset.mode == "eval":
@@ -596,15 +701,46 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         self.num_seen = self.num_skipped = 0
-        for item in self._dataloader():
+        loader = self._dataloader()
+        for item in loader:
+            self._reclaim(loader)
             if isinstance(item, _WorkerReport):
                 if item.error is not None:
                     raise PipelineError(item.error)
                 self.num_skipped += item.skipped
                 continue
+            images = self._lend(item, loader) if item.buffer is not None else item.images
             self.num_seen += len(item.keys)
             self._next_batch += 1
-            yield item.images, item.labels, item.keys
+            # B x H x W x 3 rows -> B x 3 x H x W, channels-last: no copy on the host.
+            yield images.permute(0, 3, 1, 2), torch.from_numpy(item.labels), item.keys
+
+    def _lend(self, item: _Batch, loader: DataLoader) -> torch.Tensor:
+        """The batch in a worker's reused buffer, without a copy (see _BatchBuffers).
+
+        The caller gets a tensor with a storage of its own over the buffer's memory;
+        when that storage is gone (no batch tensor or view of it left) the buffer goes
+        back to its worker."""
+        buffer = tuple(item.buffer)
+        if item.images is not None and item.images.is_pinned():
+            self._give_back(loader, buffer)  # the pin thread's copy: the buffer is free
+            return item.images
+        if item.images is not None:  # a new buffer: keep its mapping for later batches
+            self._mapped[buffer] = item.images
+        images = torch.from_numpy(self._mapped[buffer].numpy())
+        self._lent[buffer] = StorageWeakRef(images.untyped_storage())
+        return images
+
+    def _reclaim(self, loader: DataLoader) -> None:
+        for buffer, storage in list(self._lent.items()):
+            if storage.expired():
+                self._give_back(loader, buffer)
+                del self._lent[buffer]
+
+    @staticmethod
+    def _give_back(loader: DataLoader, buffer: Sequence[int]) -> None:
+        worker, slot = buffer
+        loader.dataset.buffer_flags[worker, slot] = 0
 
 
 def _check_arguments(mode: str, batch_size: int, num_workers: int, start_batch: int,
@@ -640,6 +776,11 @@ def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: i
     eval: every sample exactly once over all ranks; `max_samples` keeps the first M in
     manifest order. `allow_pipe=False` refuses `pipe:` commands in the spec; a
     manifest's entries are never run as commands either way.
+
+    Images are uint8 B x 3 x H x W in channels-last memory; `normalize` turns them
+    into contiguous (or channels-last) float on the device. A batch with workers lives
+    in a buffer its worker refills once no tensor refers to it any more, so holding
+    on to batches is safe (the worker then uses other buffers).
     """
     _check_arguments(mode, batch_size, num_workers, start_batch, shuffle_buffer, max_samples,
                      on_error)
@@ -654,9 +795,11 @@ def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: i
     return ShardLoader(dataset, num_workers)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]; call it on the device, after the uint8 copy."""
-    return images.float().div(127.5).sub(1)
+def normalize(images: torch.Tensor,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] in `memory_format`; call it on the device, after the
+    uint8 copy (the loader's channels-last batches are laid out in this same step)."""
+    return images.to(torch.float32, memory_format=memory_format).div_(127.5).sub_(1)
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

@@ -268,11 +268,17 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         header = block[padding:] if padding else block
         if header == _END_OF_ARCHIVE:
             return
-        _check_header(header)
+        if header[257:262] != b"ustar":  # cheap identity check; old v7 tars: checksum
+            _check_header(header)
         kind = header[156:157]
-        size = _header_number(header[124:136], "size")
+        try:  # the common case: octal digits, NUL- or space-terminated
+            size = int(header[124:136].rstrip(b"\0"), 8)
+        except ValueError:
+            size = _header_number(header[124:136], "size")
         if pax is not None and "size" in pax:
             size = _pax_size(pax["size"])
+        if size < 0:  # int() takes a sign; a tar size never has one
+            raise TarFormatError(f"corrupt tar header: size {size}")
         if kind in _NO_DATA_TYPES:
             long_name = pax = None
             padding = 0
@@ -281,7 +287,12 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if len(data) != size:
             data += _read_exact(stream, size - len(data), f"member data ({size} bytes)")
         padding = -size % _BLOCK
-        if kind == _GNU_LONGNAME:
+        if kind in _FILE_TYPES and pax is None and long_name is None and not header[345]:
+            # A plain ustar member (every member of our shards): the name field alone.
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if kind != b"\0" or not name.endswith("/"):
+                yield name, data
+        elif kind == _GNU_LONGNAME:
             long_name = _name_field(data)
         elif kind in _PAX_LOCAL:
             pax = {**global_pax, **_pax_records(data)}

@@ -516,9 +516,8 @@ def forward_backward(run: Run, batches: Iterator, window: Window, step: int) -> 
     totals: dict[str, Tensor] = {}
     for _ in range(cfg.train.grad_accum):
         images = window.next_batch(batches).to(accelerator.device, non_blocking=True)
-        x = normalize(images)
-        if cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = normalize(images, torch.channels_last if cfg.train.channels_last
+                      else torch.contiguous_format)
         with accelerator.accumulate(run.model):
             out = run.model(x)
             loss, parts = compute_loss(out, x, cfg.loss, step)

@@ -358,6 +358,90 @@ def test_every_image_format_decodes_to_uint8_chw(tmp_path, fmt):
         assert torch.equal(images[2], expected)
 
 
+def test_batches_are_channels_last_views_and_normalize_lays_them_out(shard_root):
+    images, _, _ = next(iter(make_loader(shard_root / "val", 8, mode="eval", num_workers=0)))
+    assert images.shape == (8, 3, 64, 64)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    x = normalize(images)
+    assert x.is_contiguous() and torch.equal(x, images.float() / 127.5 - 1)
+    y = normalize(images, torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, x)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("decoder", list(data.PNG_DECODERS))
+def test_png_decoders_agree_and_refuse_what_shards_never_hold(decoder):
+    decode = data.PNG_DECODERS[decoder]
+    rgb = synthetic_image(4, 4)[:20, :24]
+    rgba = np.dstack([rgb, rgb[..., :1]])
+    for image in (Image.fromarray(rgb), Image.fromarray(rgb).convert("L"),
+                  Image.fromarray(rgb).convert("P"), Image.fromarray(rgba),
+                  Image.fromarray(rgb).convert("LA")):
+        expected = np.asarray(image.convert("RGB"))
+        decoded = decode(png_bytes(image))
+        assert decoded.shape == (20, 24, 3) and decoded.dtype == np.uint8, image.mode
+        assert np.array_equal(decoded, expected), image.mode
+    sixteen_bit = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).convert("I;16")
+    with pytest.raises(ValueError, match="16-bit PNG"):
+        decode(png_bytes(sixteen_bit))
+    with pytest.raises(Exception):
+        decode(png_bytes(Image.fromarray(rgb))[:60])
+
+
+def test_worker_buffers_are_reused_once_batches_are_dropped(shard_root):
+    """Zero-copy hand-over: a few shared buffers carry the whole stream."""
+    loader = make_loader(shard_root / "train", 16, num_workers=1, seed=2)
+    addresses = {images.data_ptr() for images, _, _ in itertools.islice(loader, 40)}
+    assert len(addresses) <= data.BUFFER_SLOTS
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batches_held_by_the_caller_are_never_overwritten(shard_root, mode):
+    split = shard_root / ("train" if mode == "train" else "val")
+    n = 3 * data.BUFFER_SLOTS if mode == "train" else None  # eval: 150 samples, 10 batches
+    held = take(make_loader(split, 16, mode=mode, num_workers=2, seed=4), n or 100)
+    copied = [(images.clone(), labels, keys) for images, labels, keys in
+              take(make_loader(split, 16, mode=mode, num_workers=2, seed=4), n or 100)]
+    assert len(held) == len(copied) and len({b[0].data_ptr() for b in held}) == len(held)
+    for (images, labels, keys), (expected, expected_labels, expected_keys) in zip(held, copied):
+        assert keys == expected_keys and torch.equal(labels, expected_labels)
+        assert torch.equal(images, expected)
+
+
+def test_pin_memory_configured_without_an_accelerator_still_copies_nothing_early(
+        shard_root, monkeypatch):
+    """pin_memory=True on a machine without CUDA: DataLoader warns and does not pin, so the
+    batches it returns are still the workers' buffers and must be lent, not given back."""
+    monkeypatch.setattr(data, "_pin_memory", lambda: True)
+    loader = make_loader(shard_root / "val", 16, mode="eval", num_workers=2)
+    with pytest.warns(UserWarning, match="pin_memory"):
+        held = list(loader)
+    assert loader.dataset.pinned is False and loader._eval_loader.dataset.pinned is True
+    monkeypatch.undo()
+    expected = {key: image for images, _, keys in
+                make_loader(shard_root / "val", 16, mode="eval", num_workers=0)
+                for key, image in zip(keys, images)}
+    got = {key: image for images, _, keys in held for key, image in zip(keys, images)}
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(image, expected[key]) for key, image in got.items())
+
+
+def test_persistent_eval_workers_keep_the_previous_pass_intact(shard_root):
+    loader = make_loader(shard_root / "val", 16, mode="eval", num_workers=2)
+    first = [(images[::2], keys) for images, _, keys in loader]  # views keep a batch alive
+    snapshot = [images.clone() for images, _ in first]
+    second = {key: image.clone() for images, _, keys in loader
+              for key, image in zip(keys, images)}
+    for (images, keys), expected in zip(first, snapshot):
+        assert torch.equal(images, expected)
+        assert all(torch.equal(image, second[key]) for key, image in zip(keys[::2], images))
+
+
 def test_normalize_and_denormalize_round_trip():
     x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(2, 3, 16, 16)
     y = normalize(x)

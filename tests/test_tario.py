@@ -162,6 +162,16 @@ def test_overwritten_header_raises(shard_bytes):
         list(iter_samples(io.BytesIO(broken)))
 
 
+@pytest.mark.parametrize("size_field", [b"-0000000017\0", b"00000000zz7\0"])
+def test_bad_size_field_raises(shard_bytes, size_field):
+    offset = member_offsets(shard_bytes)[3]
+    header = bytearray(shard_bytes[offset:offset + 512])
+    header[124:136] = size_field
+    broken = shard_bytes[:offset] + bytes(header) + shard_bytes[offset + 512:]
+    with pytest.raises(TarFormatError, match="corrupt tar header"):
+        list(iter_samples(io.BytesIO(broken)))
+
+
 def test_duplicate_member_in_a_sample_raises(tmp_path):
     path = write_tar(tmp_path / "d.tar", [("a.png", b"1"), ("a.png", b"2")])
     with open(path, "rb") as f, pytest.raises(TarFormatError, match="duplicate"):

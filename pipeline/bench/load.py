@@ -14,7 +14,6 @@ colour fields plus texture, ~9 KB as PNG) unless --shards points at existing one
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import os
@@ -28,7 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data import decode_image, make_loader, open_shard, resolve_spec
+from pipeline import prepare
+from pipeline.data import PNG_DECODER, decode_image, make_loader, open_shard, resolve_spec
 from pipeline.shards import iter_samples, shard_name, write_manifest, write_shard
 from pipeline.utils import PipelineError, available_cpus, dumps_json
 
@@ -46,12 +46,8 @@ def natural_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
 
 
 def encode(image: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "npy":
-        np.save(buffer, image)
-    else:
-        Image.fromarray(image).save(buffer, format=fmt.replace("jpg", "jpeg").upper())
-    return buffer.getvalue()
+    """Encoded as `pipeline prepare` writes it (PNG settings and all: they set decode speed)."""
+    return prepare.encode(Image.fromarray(image), prepare.Options(image_format=fmt))
 
 
 def write_bench_shards(root: Path, fmt: str, num_samples: int, shard_size: int = 1000) -> Path:
@@ -130,6 +126,7 @@ def measure(spec: str, num_samples: int, batch_size: int, progress: tqdm) -> dic
         progress.update()
     result["loader_2_workers_per_worker"] = round(result["loader_2_workers"] / 2, 1)
     result["target_per_worker"] = TARGETS.get(fmt)
+    result["decoder"] = PNG_DECODER if fmt == "png" else "numpy" if fmt == "npy" else "pil"
     return result
 
 
@@ -140,11 +137,12 @@ def print_table(report: dict) -> None:
                ("target_per_worker", "target")]
     print(f"samples/s ({report['samples']} samples a stage, batch {report['batch_size']}, "
           f"{report['cpus']} CPUs, load average {report['load_average']})")
-    print(f"{'format':<8}{'bytes':>8}" + "".join(f"{title:>13}" for _, title in columns))
+    print(f"{'format':<8}{'decoder':<13}{'bytes':>8}"
+          + "".join(f"{title:>13}" for _, title in columns))
     for fmt, row in report["formats"].items():
         cells = "".join(f"{row[key]:>13,.0f}" if row[key] is not None else f"{'-':>13}"
                         for key, _ in columns)
-        print(f"{fmt:<8}{row['sample_bytes']:>8}{cells}")
+        print(f"{fmt:<8}{row['decoder']:<13}{row['sample_bytes']:>8}{cells}")
 
 
 def build_parser() -> argparse.ArgumentParser:
