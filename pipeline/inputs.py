@@ -219,13 +219,19 @@ def find_val_labels(root: Path) -> Path | None:
 
 # ---------------------------------------------------------------- listing and keys
 
-def list_files(directory: Path) -> list[Path]:
-    """Every regular file under `directory` (following links), sorted; hidden files skipped."""
+def list_files(root: Path, directory: Path) -> list[str]:
+    """Every regular file under `directory` (following links) as a POSIX path relative to
+    `root`, in the order of sorted Path objects; hidden files and folders are skipped.
+
+    Plain strings, not Path objects: listing ImageNet's 1.33 M files through pathlib cost
+    ~30 µs a file (40 s before the first image is decoded), strings a fifth of that."""
+    start = len(os.path.join(str(root), ""))
     found = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
-    return sorted(found)
+        relative = dirpath[start:].replace(os.sep, "/")
+        found += [f"{relative}/{f}" for f in filenames if not f.startswith(".")]
+    return sorted(found, key=lambda src: src.split("/"))  # Path order: by components
 
 
 def sanitise_key(stem: str) -> str:
@@ -252,12 +258,12 @@ def list_split(root: Path, split: str, classes: ClassMap,
     if not split_dir.is_dir():
         raise PipelineError(f"{split_dir} does not exist: --splits names subdirectories of "
                             f"--input ({root})")
-    files = list_files(split_dir)
-    srcs = [f.relative_to(root).as_posix() for f in files]
+    srcs = list_files(root, split_dir)
     if class_folders(split_dir):
         # ImageFolder layout: the first folder below the split names the class; files
         # directly in the split directory get no label (listed as failures).
-        wnids = [Path(s).parts[1] if len(Path(s).parts) > 2 else None for s in srcs]
+        parts = [src.split("/") for src in srcs]
+        wnids = [p[1] if len(p) > 2 else None for p in parts]
         labelled_by = "class folders"
     else:
         labels_path = val_labels or find_val_labels(root)

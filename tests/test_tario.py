@@ -172,6 +172,14 @@ def test_bad_size_field_raises(shard_bytes, size_field):
         list(iter_samples(io.BytesIO(broken)))
 
 
+@pytest.mark.parametrize("name", ["a.png", "n01440764_10026.cls", "x" * 96 + ".png",
+                                  "dir/sub/key.json", "ünïcode_key.png", "k" * 150 + ".png"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 12_345, 8 ** 11 - 1, 8 ** 11])
+def test_tar_headers_are_byte_identical_to_tarfiles(name, size):
+    from pipeline.shards import _tar_header, _tarfile_header
+    assert _tar_header(name, size) == _tarfile_header(name, size)
+
+
 def test_duplicate_member_in_a_sample_raises(tmp_path):
     path = write_tar(tmp_path / "d.tar", [("a.png", b"1"), ("a.png", b"2")])
     with open(path, "rb") as f, pytest.raises(TarFormatError, match="duplicate"):
