@@ -180,6 +180,20 @@ def test_tar_headers_are_byte_identical_to_tarfiles(name, size):
     assert _tar_header(name, size) == _tarfile_header(name, size)
 
 
+def test_shard_from_encoded_chunks_is_byte_identical_to_write_shard(tmp_path):
+    from pipeline.shards import ShardWriter, encode_members
+    samples = [(f"s_{i:04d}", sample_members(i)) for i in range(10)]
+    info = write_shard(tmp_path / "whole.tar", samples)
+    with ShardWriter(tmp_path / "chunks.tar") as writer:
+        for start in (0, 3, 4, 9):  # uneven chunks, one of them empty
+            writer.add_encoded(*encode_members(samples[start:{0: 3, 3: 4, 4: 9, 9: 10}[start]]))
+        writer.add_encoded(*encode_members([]))
+        chunked = writer.close()
+    assert (tmp_path / "chunks.tar").read_bytes() == (tmp_path / "whole.tar").read_bytes()
+    assert (chunked.num_samples, chunked.first_key, chunked.last_key) == (10, "s_0000", "s_0009")
+    assert chunked.sha256 == info.sha256 and not list(tmp_path.glob(".*tmp*"))
+
+
 def test_duplicate_member_in_a_sample_raises(tmp_path):
     path = write_tar(tmp_path / "d.tar", [("a.png", b"1"), ("a.png", b"2")])
     with open(path, "rb") as f, pytest.raises(TarFormatError, match="duplicate"):
