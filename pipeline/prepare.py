@@ -88,6 +88,9 @@ PNG_AVERAGE_FILTER = 3  # filter type byte of a row: Raw(x) - (Raw(x - 3) + Prio
 WORKER_PRELOAD = ["numpy", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "tqdm",
                   "simplejpeg"]  # heavy imports a forkserver does once (missing ones skipped)
 CHUNK_SIZE = 32  # images per worker task: small enough that few shards still fill all workers
+# The job's last images go out in quarter-size chunks, so that workers finish together
+# instead of one of them decoding a last full chunk alone (~45 ms on 800 images, 6%).
+TAPER_IMAGES, TAPER_CHUNK_SIZE = 8 * CHUNK_SIZE, CHUNK_SIZE // 4
 JOB_RECORD = "job.json"
 PROGRESS_DIR = ".progress"
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
@@ -449,8 +452,7 @@ def write_planned_shards(plan: list[list[Item]], todo: list[int], split: str, sp
                          root: Path, options: Options, run_map: MapFn,
                          bar: tqdm) -> Iterator[ShardRecord]:
     """Process the shards `todo`; yield each one's record as soon as it is on disk."""
-    chunks = {i: [plan[i][c:c + CHUNK_SIZE] for c in range(0, len(plan[i]), CHUNK_SIZE)]
-              for i in todo}
+    chunks = {i: split_chunks(plan[i], taper=i == todo[-1]) for i in todo}
     tasks = (ChunkTask(str(root), options, i, c, chunk)
              for i in todo for c, chunk in enumerate(chunks[i]))
     in_progress: dict[int, ShardInProgress] = {}
@@ -490,6 +492,14 @@ class ShardInProgress:
             self.writer.add_encoded(ready.members, ready.keys)
             self.failures += ready.failures
             self.next_chunk += 1
+
+
+def split_chunks(items: list[Item], taper: bool) -> list[list[Item]]:
+    """A shard's inputs in worker tasks of CHUNK_SIZE; with `taper` (the job's last shard)
+    its last TAPER_IMAGES in tasks of TAPER_CHUNK_SIZE."""
+    cut = max(0, len(items) - TAPER_IMAGES) if taper else len(items)
+    return ([items[c:c + CHUNK_SIZE] for c in range(0, cut, CHUNK_SIZE)]
+            + [items[c:c + TAPER_CHUNK_SIZE] for c in range(cut, len(items), TAPER_CHUNK_SIZE)])
 
 
 # ---------------------------------------------------------------- job record (refuse mixing)

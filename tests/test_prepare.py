@@ -316,6 +316,17 @@ def test_listing_is_in_sorted_path_order_with_hidden_entries_skipped(tmp_path):
     assert len(listed) == 29 and "train/a-b/x.JPEG" in listed
 
 
+@pytest.mark.parametrize("n, taper, sizes", [
+    (800, True, [32] * 17 + [8] * 32), (800, False, [32] * 25),
+    (100, True, [8] * 12 + [4]), (33, False, [32, 1])])
+def test_chunks_cover_a_shard_in_order_and_taper_at_the_end_of_the_job(n, taper, sizes):
+    assert (prep.CHUNK_SIZE, prep.TAPER_IMAGES, prep.TAPER_CHUNK_SIZE) == (32, 256, 8)
+    items = list(range(n))
+    chunks = prep.split_chunks(items, taper)
+    assert [i for chunk in chunks for i in chunk] == items
+    assert [len(chunk) for chunk in chunks] == sizes
+
+
 @pytest.mark.parametrize("value", ["0.5", "nan"])
 def test_decode_oversampling_below_one_is_refused(sample_root, tmp_path, value):
     with pytest.raises(PipelineError, match="--decode-oversampling must be at least 1"):
