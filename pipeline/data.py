@@ -250,28 +250,14 @@ def _decode_npy(data: bytes) -> np.ndarray:
 
 
 def _decode_png(data: bytes) -> np.ndarray:
-    _check_png_depth(data)
     image = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
     if image.dtype != torch.uint8:
         raise ValueError(f"{image.dtype} PNG: shards hold 8-bit images")
     return image.permute(1, 2, 0).numpy()  # decode_png's 3 x H x W is a view of H x W x 3
 
 
-def _check_png_depth(data: bytes) -> None:
-    """Shards hold 8-bit images; decoders would silently convert 16-bit ones each their
-    own way, so every PNG decoder refuses them alike (IHDR's bit depth, byte 24)."""
-    if data[12:16] == b"IHDR" and data[24:25] == b"\x10":
-        raise ValueError("16-bit PNG: shards hold 8-bit images")
-
-
 def _decode_spng(data: bytes) -> np.ndarray:
-    _check_png_depth(data)
     return pyspng.load(data, format="RGB")
-
-
-def _decode_png_pil(data: bytes) -> np.ndarray:
-    _check_png_depth(data)
-    return _decode_pil(data)
 
 
 def _decode_pil(data: bytes) -> np.ndarray:
@@ -280,11 +266,21 @@ def _decode_pil(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def _eight_bit_png(decode: Callable[[bytes], np.ndarray]) -> Callable[[bytes], np.ndarray]:
+    """Shards hold 8-bit images; decoders would silently convert 16-bit ones each their
+    own way, so every PNG decoder refuses them alike (IHDR's bit depth, byte 24)."""
+    def decode_8_bit(data: bytes) -> np.ndarray:
+        if data[12:16] == b"IHDR" and data[24:25] == b"\x10":
+            raise ValueError("16-bit PNG: shards hold 8-bit images")
+        return decode(data)
+    return decode_8_bit
+
+
 PNG_DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
-    name: decoder for name, decoder, available in [("pyspng", _decode_spng, pyspng is not None),
-                                                   ("torchvision", _decode_png,
-                                                    decode_png is not None),
-                                                   ("pil", _decode_png_pil, True)] if available}
+    name: _eight_bit_png(decoder) for name, decoder, available in [
+        ("pyspng", _decode_spng, pyspng is not None),
+        ("torchvision", _decode_png, decode_png is not None),
+        ("pil", _decode_pil, True)] if available}
 PNG_DECODER = next(iter(PNG_DECODERS))  # the fastest one installed
 _DECODERS: dict[str, Callable[[bytes], np.ndarray]] = {
     "png": PNG_DECODERS[PNG_DECODER], "npy": _decode_npy, "webp": _decode_pil, "jpg": _decode_pil}

@@ -314,8 +314,7 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         header = block[padding:] if padding else block
         if header == _END_OF_ARCHIVE:
             return
-        if header[257:262] != b"ustar":  # cheap identity check; old v7 tars: checksum
-            _check_header(header)
+        _check_header(header)
         kind = header[156:157]
         try:  # the common case: octal digits, NUL- or space-terminated
             size = int(header[124:136].rstrip(b"\0"), 8)
@@ -335,7 +334,7 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         padding = -size % _BLOCK
         if kind in _FILE_TYPES and pax is None and long_name is None and not header[345]:
             # A plain ustar member (every member of our shards): the name field alone.
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            name = _name_field(header[:100])
             if kind != b"\0" or not name.endswith("/"):
                 yield name, data
         elif kind == _GNU_LONGNAME:

@@ -14,9 +14,9 @@ Inputs: ImageNet-like JPEGs (470x400, ~110 KB of detailed texture) from
 from __future__ import annotations
 
 import argparse
-import statistics
 import io
 import os
+import statistics
 import sys
 import tarfile
 import tempfile
