@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .utils import PipelineError
+from .utils import PipelineError, output_error_message
 
 STAGES = {
     "sample": ("pipeline.sample", "write the embedded ImageNet-layout sample tree"),
@@ -35,6 +35,12 @@ def run_stage(main_fn, argv: list[str]) -> int:
         return int(main_fn(argv) or 0)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        message = output_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ crash at any moment leaves either the old file or the new one, never half of one
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -25,6 +26,24 @@ class PipelineError(Exception):
     """
 
 
+# A write that fails for one of these reasons is the user's to fix (space, quota,
+# permissions, a read-only mount), not a bug: the CLI reports it in one line, exit 2.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def output_error_message(error: OSError) -> str | None:
+    """One line for a file that could not be written (or read) for a reason the user
+    fixes, or None if `error` is something else (a bug: let it show its traceback)."""
+    if error.errno not in OUTPUT_ERRNOS:
+        return None
+    where = f"{error.filename}: " if error.filename else ""
+    hint = ("free space on that file system" if error.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "choose a writable directory" if error.errno == errno.EROFS
+            else "check the permissions of that path")
+    return (f"{where}{error.strerror or error}; {hint}, then re-run: finished outputs are "
+            f"kept and no partial file is left")
+
+
 # ---------------------------------------------------------------- atomic writes
 
 def _tmp_name(path: Path) -> Path:
@@ -36,11 +55,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt leaves the old file, no temporary
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
