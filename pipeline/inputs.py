@@ -6,16 +6,24 @@
 - Val labels for a flat `val/`: Kaggle's `LOC_val_solution.csv`, the ILSVRC
   `ILSVRC2012_validation_ground_truth.txt` with the devkit's synset order (`meta.mat` or
   `map_clsloc.txt`), or a plain `filename,wnid` CSV; found in ROOT or given explicitly.
-- Keys: the file stem made dot-free (webdataset splits a member name at its first dot),
-  with a path hash appended where stems collide, so keys are unique and stable.
+- Listing: regular files only (file links followed), each directory once (tracked by
+  device and inode: link loops end); FIFOs, sockets, devices, broken links, directory
+  loops and unreadable directories are returned as failures with a reason.
+- Keys: the bytes of the file name without its extension, every byte outside
+  [A-Za-z0-9_-] replaced by `_` (dot-free: webdataset splits a member name at its first
+  dot), with a path hash appended where names collide, so keys are unique and stable.
+  Names that are not UTF-8 are inputs like any other (`src` keeps os.listdir's
+  surrogate escapes; `os.fsencode(src)` gives the bytes back).
 """
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,46 +227,155 @@ def find_val_labels(root: Path) -> Path | None:
 
 # ---------------------------------------------------------------- listing and keys
 
-def list_files(root: Path, directory: Path) -> list[str]:
-    """Every regular file under `directory` (following links) as a POSIX path relative to
-    `root`, in the order of sorted Path objects; hidden files and folders are skipped.
+@dataclass(frozen=True)
+class Listing:
+    """What a directory walk found: `files` (POSIX paths relative to ROOT, sorted) and
+    `failures` ({"src", "reason"}, sorted): entries that cannot be inputs (FIFOs, sockets,
+    devices, broken links, directory loops, unreadable directories)."""
 
-    Plain strings, not Path objects: listing ImageNet's 1.33 M files through pathlib cost
-    ~30 µs a file (40 s before the first image is decoded), strings a fifth of that."""
+    files: list[str]
+    failures: list[dict[str, str]]
+
+
+def printable(path: str) -> str:
+    """A path for messages: bytes that are not UTF-8 (os.listdir's surrogate escapes,
+    which `print` cannot encode) shown as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def path_order(src: str) -> list[str]:
+    return src.split("/")  # the order of sorted Path objects: component by component
+
+
+def scan_files(root: Path, directory: Path) -> Listing:
+    """Every regular file under `directory` (file links followed) as a POSIX path relative
+    to `root`, in the order of sorted Path objects; hidden files and folders are skipped.
+
+    Directories are tracked by (st_dev, st_ino): a link back up the tree (`loop -> .`,
+    `up -> ..`) or a second way to a listed directory is recorded as a failure, never
+    walked again. Real folders are walked before linked ones, each kind in path order, so
+    the files of a directory reached both ways keep the path (and the class) of the real
+    folder, on every machine. Only regular files are inputs: a FIFO would block the job
+    at its first read. Plain strings, not Path objects: listing ImageNet's 1.33 M files
+    through pathlib cost ~30 µs a file (40 s before the first image is decoded);
+    `os.scandir`'s d_type tells plain files and folders apart without a stat."""
     start = len(os.path.join(str(root), ""))
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    files: list[str] = []
+    failures: list[dict[str, str]] = []
+    seen: dict[tuple[int, int], str] = {}
+    real, linked = [str(directory)], []  # directories still to walk
+    while real or linked:
+        if not real:  # linked folders last, in path order
+            linked.sort(key=lambda p: p.split(os.sep), reverse=True)
+        dirpath = real.pop() if real else linked.pop()
         relative = dirpath[start:].replace(os.sep, "/")
-        found += [f"{relative}/{f}" for f in filenames if not f.startswith(".")]
-    return sorted(found, key=lambda src: src.split("/"))  # Path order: by components
+        try:
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                failures.append({"src": relative, "reason": (
+                    f"directory loop: the directory {printable(seen[st.st_dev, st.st_ino])} "
+                    "again (a link back up the tree, or a second link to it); its files are "
+                    "listed once, from there")})
+                continue
+            seen[st.st_dev, st.st_ino] = relative
+            with os.scandir(dirpath) as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError as e:
+            failures.append({"src": relative, "reason": f"unreadable directory: {e.strerror}"})
+            continue
+        folders, prefix = [], relative + "/"
+        for entry in entries:
+            try:  # d_type answers both for plain files and folders: no stat
+                if entry.is_file():  # a regular file, or a link to one
+                    files.append(prefix + entry.name)
+                    continue
+                if entry.is_dir():
+                    folders.append(entry)
+                    continue
+            except OSError:
+                pass  # a link that cannot be followed: not_an_input says why
+            failures.append({"src": prefix + entry.name, "reason": not_an_input(entry)})
+        for entry in sorted(folders, key=lambda e: e.name, reverse=True):  # popped in order
+            (linked if entry.is_symlink() else real).append(entry.path)
+    return Listing(sorted(files, key=path_order),
+                   sorted(failures, key=lambda f: path_order(f["src"])))
+
+
+def not_an_input(entry: os.DirEntry) -> str:
+    """Why an entry that is neither a regular file nor a directory cannot be an input."""
+    try:
+        mode = entry.stat().st_mode
+    except OSError as e:
+        return link_problem(entry, e)
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return f"not a regular file: {what}"
+    return "not a regular file"
+
+
+def link_problem(entry: os.DirEntry, error: OSError) -> str:
+    if not entry.is_symlink():
+        return f"unreadable: {error.strerror}"
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop: the link never resolves to a file"
+    try:
+        target = printable(os.readlink(entry.path))
+    except OSError:
+        target = "?"
+    return f"broken symbolic link (-> {target}): {error.strerror}"
+
+
+def list_files(root: Path, directory: Path) -> list[str]:
+    """The regular files of `scan_files` (what cannot be an input left out)."""
+    return scan_files(root, directory).files
+
+
+NOT_KEY_BYTES = re.compile(rb"[^A-Za-z0-9_-]")
+
+
+def key_base(src: str) -> str:
+    """The file name without its extension (the last `.suffix`), every BYTE outside
+    [A-Za-z0-9_-] replaced by `_`: `a.b.JPEG` -> `a_b`. Bytes, not characters, so that a
+    name that is not UTF-8 gets a key too, and the same one whatever the locale."""
+    name = os.fsencode(src).rsplit(b"/", 1)[-1]
+    stem = os.path.splitext(name)[0]
+    return NOT_KEY_BYTES.sub(b"_", stem).decode("ascii") or "_"
 
 
 def sanitise_key(stem: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "_"
+    return NOT_KEY_BYTES.sub(b"_", os.fsencode(stem)).decode("ascii") or "_"
 
 
 def assign_keys(srcs: list[str]) -> list[str]:
-    """Keys from file stems (`n01440764_10026`); stems that collide (same name in two
-    folders, or names differing only in dots) get a hash of their path appended, so keys
-    stay unique and stable across runs and machines."""
-    bases = [sanitise_key(Path(src).name.split(".")[0]) for src in srcs]
+    """Keys from file names (`n01440764_10026`); names that collide (the same name in two
+    folders, or names differing only in characters outside [A-Za-z0-9_-]) get a hash of
+    their path's bytes appended, so keys stay unique and stable across runs and machines."""
+    bases = [key_base(src) for src in srcs]
     counts = Counter(bases)
-    keys = [b if counts[b] == 1 else f"{b}_{hashlib.sha1(s.encode()).hexdigest()[:10]}"
+    keys = [b if counts[b] == 1 else f"{b}_{hashlib.sha1(os.fsencode(s)).hexdigest()[:10]}"
             for b, s in zip(bases, srcs)]
     if len(set(keys)) != len(keys):  # pragma: no cover - needs a 40-bit hash collision
         raise PipelineError("could not derive unique sample keys from the file names")
     return keys
 
 
-def list_split(root: Path, split: str, classes: ClassMap,
-               val_labels: Path | None) -> tuple[list[Item], str]:
-    """Every input of a split with its label; returns the items and how they were labelled."""
+@dataclass(frozen=True)
+class SplitListing:
+    items: list[Item]
+    labelled_by: str  # how the items were labelled, for the manifest
+    failures: list[dict[str, str]]  # entries that are not inputs (Listing.failures)
+
+
+def scan_split(root: Path, split: str, classes: ClassMap,
+               val_labels: Path | None) -> SplitListing:
+    """Every input of a split with its label, and the entries that cannot be inputs."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise PipelineError(f"{split_dir} does not exist: --splits names subdirectories of "
                             f"--input ({root})")
-    srcs = list_files(root, split_dir)
+    listing = scan_files(root, split_dir)
+    srcs = listing.files
     if class_folders(split_dir):
         # ImageFolder layout: the first folder below the split names the class; files
         # directly in the split directory get no label (listed as failures).
@@ -279,7 +396,15 @@ def list_split(root: Path, split: str, classes: ClassMap,
     check_known_classes(split, wnids, index, classes.source)
     keys = assign_keys(srcs)
     items = [Item(s, w, index.get(w) if w else None, k) for s, w, k in zip(srcs, wnids, keys)]
-    return items, labelled_by
+    return SplitListing(items, labelled_by, listing.failures)
+
+
+def list_split(root: Path, split: str, classes: ClassMap,
+               val_labels: Path | None) -> tuple[list[Item], str]:
+    """The items of `scan_split` and how they were labelled (entries that cannot be
+    inputs left out)."""
+    listing = scan_split(root, split, classes, val_labels)
+    return listing.items, listing.labelled_by
 
 
 def check_known_classes(split: str, wnids: list[str | None], index: dict[str, int],
@@ -288,10 +413,12 @@ def check_known_classes(split: str, wnids: list[str | None], index: dict[str, in
     if unknown:
         raise PipelineError(
             f"{split}: {len(unknown)} classes are not in the class map from {source} "
-            f"(e.g. {', '.join(unknown[:3])}): remove those inputs or pass --classes with "
-            "every class")
+            f"(e.g. {', '.join(printable(w) for w in unknown[:3])}): remove those inputs or "
+            "pass --classes with every class")
 
 
 def input_fingerprint(items: list[Item]) -> dict[str, Any]:
-    listing = hashlib.sha256("".join(f"{i.src}\t{i.wnid}\n" for i in items).encode())
+    # surrogateescape: the bytes of names that are not UTF-8 (UTF-8 ones hash as before)
+    text = "".join(f"{i.src}\t{i.wnid}\n" for i in items)
+    listing = hashlib.sha256(text.encode("utf-8", "surrogateescape"))
     return {"num_files": len(items), "listing_sha256": listing.hexdigest()}

@@ -6,16 +6,30 @@
 
 How a run is organised (shards/README.md documents the output):
 
-1. List every input file of a split (sorted), label it, give it a dot-free key, and assign
-   it to a shard *before* decoding anything: train by a seeded permutation (every shard
-   mixes classes), other splits in sorted order. Shard i's content is then a pure function
-   of (inputs, options), which is what makes resume and `--part K/N` exact.
-2. Workers decode chunks of a shard's inputs; the parent appends each chunk to the
-   shard's temporary file as soon as the chunks before it are in, renames the file once
-   the shard is complete (see `pipeline.shards.ShardWriter`) and then records it in
-   `OUT/<split>/.progress/<shard>.json`. A re-run skips shards whose file matches their
-   record and redoes the rest, so a job killed at any point re-runs to the same samples.
+0. Take the part's lock `OUT/<split>/.progress/lock.part-K-of-N` (a whole job is 0/1),
+   refusing, with the holder's PID, host and command, while another job holds the same
+   part or one of another N (their shards overlap); `--merge` is refused while any part
+   runs. Only then are this part's stale temporary files removed.
+1. List every regular file of a split (sorted; FIFOs, sockets, devices, broken links and
+   directory loops are recorded as `input_failures` of no shard), label it, give it a
+   dot-free key, and assign it to a shard *before* decoding anything: train by a seeded
+   permutation (every shard mixes classes), other splits in sorted order. Shard i's
+   content is then a pure function of (inputs, options), which is what makes resume and
+   `--part K/N` exact.
+2. Workers decode chunks of a shard's inputs; the parent checks that each chunk came back
+   as exactly its planned inputs (samples + failures, in order: every input is written
+   once), appends it to the shard's temporary file as soon as the chunks before it are
+   in, renames the file once the shard is complete (see `pipeline.shards.ShardWriter`)
+   and then records it in `OUT/<split>/.progress/<shard>.json`. A re-run skips shards
+   whose file matches their record and redoes the rest, so a job killed at any point
+   re-runs to the same samples.
 3. The manifest (or, for a part, `manifest.part-K-of-N.json`) is assembled from the records.
+
+Stopping: SIGTERM or SIGINT removes the temporary files, cancels pending tasks, ends the
+workers and exits with status 75 (EX_TEMPFAIL, as the trainer's preemption): re-run the
+same command to resume. Workers ignore those signals (the parent decides) and end by
+themselves when the parent dies, even by SIGKILL. A full disk or a read-only output ends
+in one line, exit 2, with no temporary file left.
 
 Decoding: JPEGs are decoded at a reduced size by DCT scaling (1/2, 1/4, 1/8) as long as the
 crop keeps at least --decode-oversampling (default 1.5 for center-crop, 4 for box) times the
@@ -36,14 +50,16 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import struct
 import sys
+import threading
 import time
 import warnings
 import zlib
 from concurrent.futures import (FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed,
                                 wait)
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -53,7 +69,9 @@ from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import __version__
-from .inputs import ClassMap, Item, input_fingerprint, list_split, resolve_classes
+from .inputs import (ClassMap, Item, SplitListing, input_fingerprint, printable,
+                     resolve_classes, scan_split)
+from .locking import Lock, OutputLocked, acquire, describe_holder, holder_of, mutex
 from .shards import (FAILURES_NAME, IMAGE_EXTS, MANIFEST_FORMAT, MANIFEST_NAME,
                      ShardWriter, encode_members, shard_name, write_manifest)
 from .utils import (PipelineError, atomic_write_json, atomic_write_text, available_cpus,
@@ -78,6 +96,7 @@ OVERSAMPLING = {"center-crop": 1.5, "box": 4.0}
 DEFAULT_SHARD_SIZE = 3000
 DEFAULT_QUALITY = 90
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
+MAX_IMAGE_SIZE = 4096  # --image-size: one 4096x4096 RGB sample is already 50 MB decoded
 # zlib's Z_RLE strategy is meant for PNG-filtered data: at 64x64 it measured 2.6x faster
 # than the default strategy on smooth images (0.31 vs 0.81 ms) and 1.3x on detailed ones,
 # with files no larger.
@@ -93,6 +112,12 @@ CHUNK_SIZE = 32  # images per worker task: small enough that few shards still fi
 TAPER_IMAGES, TAPER_CHUNK_SIZE = 8 * CHUNK_SIZE, CHUNK_SIZE // 4
 JOB_RECORD = "job.json"
 PROGRESS_DIR = ".progress"
+MUTEX_NAME = "lock"  # .progress/lock: held for a moment to check other jobs' part locks
+PART_LOCK = re.compile(r"lock\.part-(\d+)-of-(\d+)$")  # held by a running job of part K/N
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a split is a directory of OUT
+# Exit status of a job stopped by SIGTERM/SIGINT (BSD's EX_TEMPFAIL, the trainer's
+# "preempted, rerun to resume"): finished shards are kept and the same command resumes.
+EXIT_INTERRUPTED = 75
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
 SLURM_PART_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
 
@@ -137,6 +162,11 @@ class Options:
                             ("--decode-oversampling", self.decode_oversampling)):
             if not value >= 1:  # also refuses NaN
                 raise PipelineError(f"{flag} must be at least 1, got {value}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise PipelineError(f"--image-size must be at most {MAX_IMAGE_SIZE}, "
+                                f"got {self.image_size}")
+        if self.seed < 0:  # numpy's generators take seeds >= 0 only
+            raise PipelineError(f"--seed must be at least 0, got {self.seed}")
 
 
 # Option names as the user typed them, for messages about differing options.
@@ -363,6 +393,29 @@ def pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def worker_init() -> None:
+    """Runs first in every worker: the parent alone decides when the job stops.
+
+    SIGINT/SIGTERM are ignored (a Ctrl-C or a scheduler's SIGTERM reaches the whole
+    process group; the parent then cancels what is pending and ends the workers), and a
+    daemon thread ends the worker as soon as its parent is gone, even by SIGKILL: an
+    orphaned worker would otherwise wait for tasks forever, holding the caller's stdout
+    open (a pipeline reading it would never see EOF)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=exit_with_parent, args=(parent.sentinel,), daemon=True,
+                         name="exit-with-parent").start()
+
+
+def exit_with_parent(sentinel: int) -> None:
+    from multiprocessing.connection import wait as wait_for
+
+    wait_for([sentinel])  # readable once the parent process has ended
+    os._exit(1)
+
+
 @contextmanager
 def executor(workers: int) -> Iterator[MapFn]:
     """An unordered map over chunk tasks: in this process for one worker, else a pool.
@@ -371,12 +424,16 @@ def executor(workers: int) -> Iterator[MapFn]:
     wakes up whenever a result waits in its pipe and, with ~300 KB results, spun for
     ~7% of a core in the writing process, taken from the workers on a 2-core machine.
     A worker that dies also fails the job (BrokenProcessPool) instead of losing its
-    task and hanging."""
+    task and hanging. Leaving the block, also by an exception or an interrupt, cancels
+    the tasks not started and waits for the workers to end (see worker_init)."""
     if workers <= 1:
         yield lambda tasks: map(process_chunk, tasks)
         return
-    with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=worker_init)
+    try:
         yield lambda tasks: map_unordered(pool, tasks, in_flight=4 * workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def map_unordered(pool: ProcessPoolExecutor, tasks: Iterable[ChunkTask],
@@ -428,17 +485,29 @@ def completed_record(split_dir: Path, index: int, name: str) -> ShardRecord | No
     except (OSError, ValueError, TypeError):
         return None
     shard = split_dir / name
-    info = record.info
-    if (record.index != index or not shard.is_file()
-            or shard.stat().st_size != info["bytes"] or sha256_file(shard) != info["sha256"]):
+    if (not plausible_record(record, index, name) or not shard.is_file()
+            or shard.stat().st_size != record.info["bytes"]
+            or sha256_file(shard) != record.info["sha256"]):
         return None
     return record
 
 
+def plausible_record(record: ShardRecord, index: int, name: str) -> bool:
+    """A record is data: it goes into the manifest only with the fields readers rely on."""
+    info = record.info
+    return (record.index == index and isinstance(info, dict) and info.get("name") == name
+            and all(type(info.get(k)) is int and info[k] >= 0 for k in ("num_samples", "bytes"))
+            and isinstance(info.get("sha256"), str) and isinstance(record.failures, list)
+            and all(isinstance(f, dict) and isinstance(f.get("src"), str)
+                    for f in record.failures))
+
+
 def remove_stale_temp_files(split_dir: Path, names: list[str]) -> None:
-    """Temp files (`.<name>.tmp-<pid>`) an interrupted run left for the files `names` of
-    this part only: another part may be writing its own next to them on a shared file
-    system. Shard records are `<shard>.json` in the progress directory."""
+    """Temp files (`.<name>.tmp-<pid>`) of the files `names` of this part only: another
+    part may be writing its own next to them on a shared file system. Called with this
+    part's lock held (no other job writes these names), at the start and on the way
+    out of an interrupted or failed run. Shard records are `<shard>.json` in the
+    progress directory."""
     mine = set(names) | {f"{name}.json" for name in names}
     for directory in (split_dir, split_dir / PROGRESS_DIR):
         if not directory.is_dir():
@@ -458,6 +527,7 @@ def write_planned_shards(plan: list[list[Item]], todo: list[int], split: str, sp
     in_progress: dict[int, ShardInProgress] = {}
     try:
         for result in run_map(tasks):
+            check_chunk_result(result, chunks, split)
             bar.update(len(chunks[result.shard][result.chunk]))
             shard = in_progress.get(result.shard)
             if shard is None:
@@ -486,6 +556,9 @@ class ShardInProgress:
     failures: list[dict[str, str]] = field(default_factory=list)
 
     def take(self, result: ChunkResult) -> None:
+        if result.chunk < self.next_chunk or result.chunk in self.waiting:
+            raise PipelineError(f"{self.writer.path.name}: chunk {result.chunk} came back "
+                                f"twice; {WORKER_BUG}")
         self.waiting[result.chunk] = result
         while self.next_chunk in self.waiting:
             ready = self.waiting.pop(self.next_chunk)
@@ -494,10 +567,36 @@ class ShardInProgress:
             self.next_chunk += 1
 
 
+WORKER_BUG = ("nothing of that shard was kept; re-run the same command, and report it if it "
+              "happens again")
+
+
+def check_chunk_result(result: ChunkResult, chunks: dict[int, list[list[Item]]],
+                       split: str) -> None:
+    """A chunk's samples and failures must be exactly its planned inputs, in order: each
+    input is then written in its own chunk of its own shard, so once in the whole job,
+    with memory for one chunk instead of a job-wide set of keys."""
+    planned = chunks.get(result.shard, [])
+    if not 0 <= result.chunk < len(planned):
+        raise PipelineError(f"{shard_name(split, result.shard)}: a worker returned chunk "
+                            f"{result.chunk}, which this job did not plan; {WORKER_BUG}")
+    items = planned[result.chunk]
+    failed = [f.get("src") for f in result.failures]
+    failed_set = set(failed)
+    if (result.keys != [i.key for i in items if i.src not in failed_set]
+            or failed != [i.src for i in items if i.src in failed_set]):
+        raise PipelineError(
+            f"{shard_name(split, result.shard)}: chunk {result.chunk} came back with "
+            f"{len(result.keys)} samples and {len(failed)} failures that are not its "
+            f"{len(items)} planned inputs in order; {WORKER_BUG}")
+
+
 def split_chunks(items: list[Item], taper: bool) -> list[list[Item]]:
     """A shard's inputs in worker tasks of CHUNK_SIZE; with `taper` (the job's last shard)
-    its last TAPER_IMAGES in tasks of TAPER_CHUNK_SIZE."""
-    cut = max(0, len(items) - TAPER_IMAGES) if taper else len(items)
+    its last TAPER_IMAGES or a little more (the full chunks end on a multiple of
+    CHUNK_SIZE) in tasks of TAPER_CHUNK_SIZE. Every input is in exactly one task."""
+    cut = (max(0, len(items) - TAPER_IMAGES) // CHUNK_SIZE * CHUNK_SIZE if taper
+           else len(items))
     return ([items[c:c + CHUNK_SIZE] for c in range(0, cut, CHUNK_SIZE)]
             + [items[c:c + TAPER_CHUNK_SIZE] for c in range(cut, len(items), TAPER_CHUNK_SIZE)])
 
@@ -508,11 +607,7 @@ def check_job_record(split_dir: Path, job: dict[str, Any]) -> None:
     """Write the job's identity on first use; refuse a re-run with different options."""
     path = split_dir / PROGRESS_DIR / JOB_RECORD
     if not path.is_file():
-        # The progress directory alone may be another part's, starting at the same time.
-        if split_dir.is_dir() and any(p.name != PROGRESS_DIR for p in split_dir.iterdir()):
-            raise PipelineError(
-                f"{split_dir} is not empty and holds no {PROGRESS_DIR}/{JOB_RECORD}: it was not "
-                "written by `pipeline prepare`; choose a new --output")
+        refuse_unknown_contents(split_dir)
         atomic_write_json(path, job)
         return
     try:
@@ -568,8 +663,10 @@ def resize_description(options: Options) -> dict[str, Any]:
 
 
 def manifest_base(split: str, options: Options, classes: ClassMap, job: dict[str, Any],
-                  root: Path, labelled_by: str, num_shards: int) -> dict[str, Any]:
-    """The manifest fields that every part of a job shares."""
+                  root: Path, listing: SplitListing, num_shards: int) -> dict[str, Any]:
+    """The manifest fields that every part of a job shares. `input_failures` are the
+    entries of the tree that are not inputs (FIFOs, broken links, directory loops...):
+    they belong to no shard, so every part lists all of them."""
     return {
         "format": MANIFEST_FORMAT, "split": split, "version": __version__,
         "image_size": options.image_size, "image_format": options.image_format,
@@ -581,8 +678,10 @@ def manifest_base(split: str, options: Options, classes: ClassMap, job: dict[str
         "shard_size": options.shard_size, "num_shards": num_shards,
         "classes": classes.wnids,
         "class_names": classes.names if any(classes.names) else None,
-        "class_map_source": classes.source, "labels": labelled_by,
-        "input": {"root": str(root), **job["input"]}, "num_inputs": job["input"]["num_files"],
+        "class_map_source": classes.source, "labels": listing.labelled_by,
+        "input": {"root": str(root), **job["input"]},
+        "num_inputs": job["input"]["num_files"] + len(listing.failures),
+        "input_failures": listing.failures,
         "job": job, "provenance": provenance(),
     }
 
@@ -592,16 +691,20 @@ def assemble_manifest(base: dict[str, Any], records: list[ShardRecord],
     records = sorted(records, key=lambda r: r.index)
     return {**base,
             "num_samples": sum(r.info["num_samples"] for r in records),
-            "num_failures": sum(len(r.failures) for r in records),
+            "num_failures": (len(base.get("input_failures", []))
+                             + sum(len(r.failures) for r in records)),
             "failures_file": failures_file,
             "shards": [r.info for r in records],
             "shard_failures": {r.info["name"]: r.failures for r in records if r.failures}}
 
 
 def failures_jsonl(manifest: dict[str, Any]) -> str:
-    """One line per failed input, in shard order: a merged job lists them exactly as a
-    one-machine run does."""
-    lines = []
+    """One line per failed input: first the listing's (`"shard": null`), then the shards'
+    in shard order, so a merged job lists them exactly as a one-machine run does. Names
+    that are not UTF-8 are JSON-escaped (`\\udcff`), so they read back as os.listdir gave
+    them."""
+    lines = [dumps_json({**failure, "shard": None}, indent=None) + "\n"
+             for failure in manifest.get("input_failures", [])]
     for shard in manifest["shards"]:
         for failure in manifest["shard_failures"].get(shard["name"], []):
             lines.append(dumps_json({**failure, "shard": shard["name"]}, indent=None) + "\n")
@@ -609,12 +712,20 @@ def failures_jsonl(manifest: dict[str, Any]) -> str:
 
 
 def write_outputs(split_dir: Path, manifest: dict[str, Any], part: tuple[int, int]) -> None:
-    # Failures first: a manifest on disk always has its failures file beside it.
-    atomic_write_text(split_dir / failures_name(part), failures_jsonl(manifest))
-    if part[1] == 1:
-        write_manifest(split_dir, manifest)
-    else:
-        atomic_write_json(split_dir / manifest_name(part), manifest)
+    # Failures first: a manifest on disk always has its failures file beside it. If the
+    # manifest cannot be written (a full disk), a first run leaves neither.
+    failures, manifest_file = split_dir / failures_name(part), split_dir / manifest_name(part)
+    had_manifest = manifest_file.exists()
+    atomic_write_text(failures, failures_jsonl(manifest))
+    try:
+        if part[1] == 1:
+            write_manifest(split_dir, manifest)
+        else:
+            atomic_write_json(manifest_file, manifest)
+    except BaseException:
+        if not had_manifest:
+            failures.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- one split
@@ -636,42 +747,59 @@ class SplitSummary:
                 else "nothing left to do")
         return (f"{self.split}: {self.num_samples} samples in {self.num_shards} shards "
                 f"({self.skipped_shards} already complete), {self.num_failures} failures, "
-                f"{done} -> {self.manifest_path}")
+                f"{done} -> {printable(str(self.manifest_path))}")
 
 
-def resume_state(split_dir: Path, split: str, num_shards: int,
-                 part: tuple[int, int]) -> tuple[list[int], dict[int, ShardRecord]]:
-    """This part's shard indices (i % N == K) and the records of those already complete;
-    clears what an interrupted run of this part left half-written."""
-    mine = [i for i in range(num_shards) if i % part[1] == part[0]]
-    remove_stale_temp_files(split_dir, [shard_name(split, i) for i in mine]
-                            + [manifest_name(part), failures_name(part)])
-    records = {i: r for i in mine if (r := completed_record(split_dir, i, shard_name(split, i)))}
-    return mine, records
+def part_shards(num_shards: int, part: tuple[int, int]) -> list[int]:
+    """The shard indices of part K/N: i % N == K."""
+    return [i for i in range(num_shards) if i % part[1] == part[0]]
+
+
+def resume_state(split_dir: Path, split: str, mine: list[int],
+                 part: tuple[int, int]) -> dict[int, ShardRecord]:
+    """The records of this part's shards `mine` already complete; clears what an
+    interrupted run of this part left half-written."""
+    remove_stale_temp_files(split_dir, part_file_names(split, mine, part))
+    return {i: r for i in mine if (r := completed_record(split_dir, i, shard_name(split, i)))}
+
+
+def part_file_names(split: str, shards: list[int], part: tuple[int, int]) -> list[str]:
+    """The files only this part writes: its shards, its manifest and its failures list."""
+    return [shard_name(split, i) for i in shards] + [manifest_name(part), failures_name(part)]
 
 
 def prepare_split(root: Path, output: Path, split: str, options: Options, classes: ClassMap,
                   val_labels: Path | None, part: tuple[int, int], run_map: MapFn,
                   progress: bool = True) -> SplitSummary:
+    """One split of one part. The caller holds the part's lock (`lock_part`) where other
+    jobs may share OUT; leaving by any exception (an interrupt, a full disk) removes this
+    part's temporary files, so only finished shards, records and manifests remain."""
     start = time.perf_counter()
-    items, labelled_by = list_split(root, split, classes, val_labels)
-    plan = plan_shards(items, split, options)
+    listing = scan_split(root, split, classes, val_labels)
+    plan = plan_shards(listing.items, split, options)
     split_dir = output / split
-    job = {"options": asdict(options), "input": input_fingerprint(items),
-           "classes_sha256": hashlib.sha256("\n".join(classes.wnids).encode()).hexdigest()}
-    check_job_record(split_dir, job)
-    mine, records = resume_state(split_dir, split, len(plan), part)
-    todo = [i for i in mine if i not in records]
-    with tqdm(total=sum(len(plan[i]) for i in todo), unit="img", desc=f"prepare {split}",
-              disable=not progress, smoothing=0.1) as bar:
-        for record in write_planned_shards(plan, todo, split, split_dir, root, options,
-                                           run_map, bar):
-            records[record.index] = record
-    base = manifest_base(split, options, classes, job, root, labelled_by, len(plan))
-    if part[1] > 1:
-        base["part"] = {"index": part[0], "count": part[1]}
-    manifest = assemble_manifest(base, list(records.values()), failures_name(part))
-    write_outputs(split_dir, manifest, part)
+    job = {"options": asdict(options), "input": input_fingerprint(listing.items),
+           "classes_sha256": hashlib.sha256("\n".join(classes.wnids).encode(
+               "utf-8", "surrogateescape")).hexdigest()}
+    with mutex(split_dir / PROGRESS_DIR / MUTEX_NAME):  # parts starting together: one writes it
+        check_job_record(split_dir, job)
+    mine = part_shards(len(plan), part)
+    try:
+        records = resume_state(split_dir, split, mine, part)
+        todo = [i for i in mine if i not in records]
+        with tqdm(total=sum(len(plan[i]) for i in todo), unit="img", desc=f"prepare {split}",
+                  disable=not progress, smoothing=0.1) as bar:
+            for record in write_planned_shards(plan, todo, split, split_dir, root, options,
+                                               run_map, bar):
+                records[record.index] = record
+        base = manifest_base(split, options, classes, job, root, listing, len(plan))
+        if part[1] > 1:
+            base["part"] = {"index": part[0], "count": part[1]}
+        manifest = assemble_manifest(base, list(records.values()), failures_name(part))
+        write_outputs(split_dir, manifest, part)
+    except BaseException:
+        remove_stale_temp_files(split_dir, part_file_names(split, mine, part))
+        raise
     return SplitSummary(split, sum(records[i].info["num_samples"] for i in todo),
                         len(mine) - len(todo), manifest["num_samples"],
                         manifest["num_failures"], len(records), time.perf_counter() - start,
@@ -682,20 +810,97 @@ def prepare(root: str | Path, output: str | Path, splits: list[str] | None = Non
             options: Options = Options(), workers: int | None = None,
             part: tuple[int, int] = (0, 1), classes_file: str | Path | None = None,
             val_labels: str | Path | None = None, progress: bool = True) -> list[SplitSummary]:
-    """Prepare `splits` of ROOT into OUT; the library entry point behind `main`."""
+    """Prepare `splits` of ROOT into OUT; the library entry point behind `main`.
+
+    Every split's part lock is taken before any work (a second job on the same shards is
+    refused at once, naming the first) and held until the job ends."""
     root, output = Path(root), Path(output)
     options.validate()
+    workers = available_cpus() if workers is None else workers
+    if workers < 1:
+        raise PipelineError(f"--workers must be at least 1, got {workers}")
     check_local_output(output)
     if not root.is_dir():
         raise PipelineError(f"--input {root} is not a directory")
     splits = splits or [s for s in ("train", "val") if (root / s).is_dir()]
     if not splits:
         raise PipelineError(f"--input {root} holds neither train/ nor val/; pass --splits")
+    for split in splits:
+        check_split_name(split)
+        if not (root / split).is_dir():
+            raise PipelineError(f"{root / split} does not exist: --splits names "
+                                f"subdirectories of --input ({root})")
     classes = resolve_classes(root, output, splits, Path(classes_file) if classes_file else None)
-    with executor(workers or available_cpus()) as run_map:
-        return [prepare_split(root, output, split, options, classes,
-                              Path(val_labels) if val_labels else None, part, run_map, progress)
-                for split in splits]
+    with ExitStack() as locks:
+        for split in splits:
+            refuse_foreign_directory(output / split)
+            locks.enter_context(lock_part(output / split, part))
+        with executor(workers) as run_map:
+            return [prepare_split(root, output, split, options, classes,
+                                  Path(val_labels) if val_labels else None, part, run_map,
+                                  progress)
+                    for split in splits]
+
+
+def check_split_name(split: str) -> None:
+    if not SPLIT_NAME.fullmatch(split):
+        raise PipelineError(f"--splits: {printable(split)!r} is not a split name (letters, "
+                            "digits, '_' and '-'; it names ROOT/<split> and OUT/<split>)")
+
+
+def refuse_foreign_directory(split_dir: Path) -> None:
+    """Before anything is written into it: OUT/<split> is empty, absent, or prepare's."""
+    if split_dir.exists() and not split_dir.is_dir():
+        raise PipelineError(f"--output: {split_dir} is a file, not a directory; choose a "
+                            "new --output")
+    if not (split_dir / PROGRESS_DIR / JOB_RECORD).is_file():
+        refuse_unknown_contents(split_dir)
+
+
+def refuse_unknown_contents(split_dir: Path) -> None:
+    # The progress directory alone may be another part's, starting at the same time.
+    if split_dir.is_dir() and any(p.name != PROGRESS_DIR for p in split_dir.iterdir()):
+        raise PipelineError(
+            f"{split_dir} is not empty and holds no {PROGRESS_DIR}/{JOB_RECORD}: it was not "
+            "written by `pipeline prepare`; choose a new --output")
+
+
+# ---------------------------------------------------------------- one job per output
+
+def describe_part(part: tuple[int, int]) -> str:
+    return "the whole job" if part[1] == 1 else f"part {part[0]}/{part[1]}"
+
+
+def part_lock_path(split_dir: Path, part: tuple[int, int]) -> Path:
+    return split_dir / PROGRESS_DIR / f"lock.{part_suffix(part)}"
+
+
+def held_part_locks(split_dir: Path) -> list[tuple[tuple[int, int], dict[str, Any]]]:
+    """(part, holder record) of every part lock of the split that a running job holds."""
+    held = []
+    for path in sorted((split_dir / PROGRESS_DIR).glob("lock.part-*")):
+        m = PART_LOCK.match(path.name)
+        if m and (holder := holder_of(path)) is not None:
+            held.append(((int(m[1]), int(m[2])), holder))
+    return held
+
+
+def lock_part(split_dir: Path, part: tuple[int, int]) -> Lock:
+    """Take part K/N's lock of OUT/<split>, or raise OutputLocked naming the job that
+    holds an overlapping one: the same K/N, or any other N (0/2 and 1/3 share shard 4;
+    the whole job, 0/1, overlaps every part). Checked and taken inside the split's
+    mutex, so two jobs starting together cannot both pass."""
+    with mutex(split_dir / PROGRESS_DIR / MUTEX_NAME):
+        for other, holder in held_part_locks(split_dir):
+            if other[1] != part[1] or other == part:
+                overlap = ("" if other == part else
+                           f", and its shards overlap those of {describe_part(part)}")
+                raise OutputLocked(
+                    f"--output {split_dir}: {describe_part(other)} is already being prepared "
+                    f"by {describe_holder(holder)}{overlap}; wait for it to finish (then "
+                    "re-run this command), or choose another --output", holder)
+        return acquire(part_lock_path(split_dir, part), f"--output {split_dir} "
+                                                         f"({describe_part(part)})")
 
 
 def check_local_output(output: Path) -> None:
@@ -719,10 +924,24 @@ def merge(output: str | Path, splits: list[str] | None = None) -> list[Path]:
                             "found; run `pipeline prepare --part K/N` first")
     written = []
     for split_dir in split_dirs:
-        manifest = merged_manifest(split_dir)
-        write_outputs(split_dir, manifest, (0, 1))
+        if not split_dir.is_dir():
+            raise PipelineError(f"--merge: {split_dir} does not exist; run `pipeline prepare "
+                                "--part K/N` for that split first")
+        with mutex(split_dir / PROGRESS_DIR / MUTEX_NAME):  # no part starts meanwhile
+            refuse_running_parts(split_dir)
+            manifest = merged_manifest(split_dir)
+            write_outputs(split_dir, manifest, (0, 1))
         written.append(split_dir / MANIFEST_NAME)
     return written
+
+
+def refuse_running_parts(split_dir: Path) -> None:
+    held = held_part_locks(split_dir)
+    if held:
+        part, holder = held[0]
+        raise OutputLocked(f"--merge {split_dir}: {describe_part(part)} is still being "
+                           f"prepared by {describe_holder(holder)}; merge once every part "
+                           "has finished", holder)
 
 
 def read_part_manifests(split_dir: Path) -> list[dict[str, Any]]:
@@ -731,9 +950,13 @@ def read_part_manifests(split_dir: Path) -> list[dict[str, Any]]:
     for path in split_dir.glob("manifest.part-*.json"):
         if m := pattern.match(path.name):
             try:
-                found[int(m[1]), int(m[2])] = json.loads(path.read_text())
+                found[int(m[1]), int(m[2])] = manifest = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise PipelineError(f"cannot read {path}: {e}; re-run that part") from e
+            if not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), list)
+                    and type(manifest.get("num_shards")) is int and "job" in manifest):
+                raise PipelineError(f"{path} is not a part manifest of `pipeline prepare`; "
+                                    "re-run that part")
     counts = sorted({n for _, n in found})
     if not counts:
         raise PipelineError(f"{split_dir}: no part manifests to merge")
@@ -753,14 +976,32 @@ def shard_index(name: str) -> int:
     return int(name.rsplit("-", 1)[1].split(".")[0])
 
 
+def part_record(split_dir: Path, part: dict[str, Any], shard: Any) -> ShardRecord:
+    """A shard entry of a part manifest, which is data: its name must be one of this
+    split's shard names (never a path elsewhere) and its counts plausible."""
+    name = shard.get("name") if isinstance(shard, dict) else None
+    m = re.fullmatch(rf"{re.escape(split_dir.name)}-(\d{{6,}})\.tar", name or "")
+    failures = part.get("shard_failures", {})
+    record = ShardRecord(int(m[1]) if m else -1, shard,
+                         failures.get(name, []) if isinstance(failures, dict) else None)
+    if not m or not plausible_record(record, record.index, name):
+        raise PipelineError(f"{split_dir}: a part manifest lists shard {name!r}, which is not "
+                            "a shard of this split with its counts; re-run that part")
+    return record
+
+
 def merged_manifest(split_dir: Path) -> dict[str, Any]:
     parts = read_part_manifests(split_dir)
     jobs = {json.dumps(p["job"], sort_keys=True) for p in parts}
     if len(jobs) > 1:
         raise PipelineError(f"{split_dir}: the parts were made with different options or "
                             "inputs; re-run the odd ones into a fresh --output")
-    records = [ShardRecord(shard_index(s["name"]), s, p["shard_failures"].get(s["name"], []))
-               for p in parts for s in p["shards"]]
+    listings = {json.dumps(p.get("input_failures", []), sort_keys=True) for p in parts}
+    if len(listings) > 1:
+        raise PipelineError(f"{split_dir}: the parts found different entries that are not "
+                            "inputs (input_failures: the tree changed between them); re-run "
+                            "the parts once the input tree is settled")
+    records = [part_record(split_dir, p, s) for p in parts for s in p["shards"]]
     expected = parts[0]["num_shards"]
     if sorted(r.index for r in records) != list(range(expected)):
         raise PipelineError(f"{split_dir}: the parts list {len(records)} shards, the job has "
@@ -781,9 +1022,14 @@ def parse_part(text: str | None, env: Mapping[str, str] = os.environ) -> tuple[i
     if text is None:
         if not all(v in env for v in SLURM_PART_VARS):
             return (0, 1)
-        k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
         origin = "SLURM_ARRAY_TASK_ID/COUNT"
+        values = {v: env.get(v, "0").strip() for v in (*SLURM_PART_VARS, "SLURM_ARRAY_TASK_MIN")}
+        if not all(re.fullmatch(r"\d+", value) for value in values.values()):
+            raise PipelineError(f"{origin}: expected integers, got "
+                                + ", ".join(f"{v}={value!r}" for v, value in values.items())
+                                + "; or pass --part K/N")
+        k = int(values["SLURM_ARRAY_TASK_ID"]) - int(values["SLURM_ARRAY_TASK_MIN"])
+        n = int(values["SLURM_ARRAY_TASK_COUNT"])
     else:
         m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
         if not m:
@@ -800,7 +1046,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pipeline prepare",
         description="Turn an ImageNet-style JPEG tree into 64x64 WebDataset shards with a "
                     "manifest (format: shards/README.md). Resumable: re-run the same command "
-                    "after an interruption.")
+                    "after an interruption.",
+        epilog=f"Exit status: 0 done; 2 bad input or options, more failed inputs than "
+               f"--max-failures, an unwritable output, or another job on the same output; "
+               f"{EXIT_INTERRUPTED} stopped by SIGTERM or SIGINT (EX_TEMPFAIL): the finished "
+               f"shards are kept, re-run the same command to resume.")
     p.add_argument("--input", type=Path, metavar="ROOT",
                    help="tree holding train/<wnid>/*.JPEG and/or val/ (class folders, or flat "
                         "with labels in ROOT: LOC_val_solution.csv, "
@@ -836,7 +1086,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the train shuffle that assigns samples to shards (default 0)")
     p.add_argument("--max-failures", type=int, default=0, metavar="N",
                    help="exit non-zero if more than N inputs fail (default 0); failed inputs "
-                        "are listed in OUT/<split>/failures.jsonl either way")
+                        "(and entries that are not regular files) are listed in "
+                        "OUT/<split>/failures.jsonl either way")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="inputs with more pixels are refused as decompression bombs "
                         f"(default {DEFAULT_MAX_PIXELS})")
@@ -861,24 +1112,71 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    for split in splits or []:
+        check_split_name(split)
     if args.merge is not None:
         for path in merge(args.merge, splits):
-            print(f"merged -> {path}")
+            print(f"merged -> {printable(str(path))}")
         return 0
     if args.input is None:
         raise PipelineError("--input ROOT is required (or --merge OUT)")
     if args.workers is not None and args.workers < 1:
         raise PipelineError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_failures < 0:
+        raise PipelineError(f"--max-failures must be at least 0, got {args.max_failures}")
     options = Options(image_size=args.image_size, resize=args.resize,
                       image_format=args.image_format, quality=args.quality,
                       shard_size=args.shard_size, seed=args.seed, max_pixels=args.max_pixels,
                       decode_oversampling=args.decode_oversampling)
-    summaries = prepare(args.input, args.output, splits, options, args.workers,
-                        parse_part(args.part), args.classes, args.val_labels,
-                        progress=not args.no_progress)
+    part = parse_part(args.part)
+    with stop_on_signals() as stop:
+        try:
+            summaries = prepare(args.input, args.output, splits, options, args.workers, part,
+                                args.classes, args.val_labels, progress=not args.no_progress)
+        except BaseException:
+            if stop.received is None:
+                raise
+            print(f"prepare: stopped by {stop.received.name}; the finished shards are kept, "
+                  f"re-run the same command to resume (exit {EXIT_INTERRUPTED})",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
     for summary in summaries:
         print(summary.line())
     return check_failures(summaries, args.max_failures)
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT. A BaseException, like
+    KeyboardInterrupt: the per-input `except Exception` of process_chunk (which runs in
+    this process with one worker) must not record it as a failed input."""
+
+
+@dataclass
+class StopRequest:
+    received: signal.Signals | None = None  # the first stop signal
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """SIGTERM and SIGINT stop the job through the normal unwinding path (temporary files
+    removed, pending tasks cancelled, workers ended) instead of killing it mid-write. A
+    second signal during that cleanup is ignored: cleanup is short and bounded."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.received is None:
+            request.received = signal.Signals(signum)
+            raise Interrupted(request.received.name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def check_failures(summaries: list[SplitSummary], max_failures: int) -> int:

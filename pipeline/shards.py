@@ -105,13 +105,19 @@ def encode_members(samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[byt
     return b"".join(parts), keys
 
 
+class DuplicateKeyError(ValueError):
+    """A sample key given twice to one ShardWriter: readers would merge the two samples."""
+
+
 class ShardWriter:
     """A shard written sample by sample under a temporary name, renamed once complete.
 
     `close()` fsyncs and renames, so an interrupted job never leaves a truncated shard
     under a final name; `abort()` (or leaving a `with` block by an exception) removes
     the temporary file. Writing as samples arrive lets `prepare` overlap its shard
-    writing with the workers' decoding instead of writing each shard at its end.
+    writing with the workers' decoding instead of writing each shard at its end. A key
+    is accepted once per shard (`prepare` checks that a chunk holds exactly its planned
+    inputs, so a key can be in one shard only).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -121,17 +127,28 @@ class ShardWriter:
         self._file = open(self.tmp, "wb")
         self._hash, self.size = hashlib.sha256(), 0
         self.count, self.first, self.last = 0, None, None
+        self._keys: set[str] = set()  # one shard's keys: O(shard), not O(job)
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         self.add_encoded(*encode_members([(key, members)]))
 
     def add_encoded(self, members: bytes, keys: list[str]) -> None:
-        """Append samples encoded by `encode_members`."""
+        """Append samples encoded by `encode_members`; a key already in this shard is
+        refused (DuplicateKeyError) before anything of the call is written."""
+        self._check_new_keys(keys)
         self._write(members)
         if keys:
             self.count += len(keys)
             self.first = self.first or keys[0]
             self.last = keys[-1]
+
+    def _check_new_keys(self, keys: list[str]) -> None:
+        new = set(keys)
+        if len(new) != len(keys) or not self._keys.isdisjoint(new):
+            repeated = sorted(k for k in new if k in self._keys or keys.count(k) > 1)
+            raise DuplicateKeyError(f"{self.path.name}: sample key {repeated[0]!r} is already "
+                                    "in this shard; a sample is written once")
+        self._keys |= new
 
     def _write(self, data: bytes) -> None:
         self._hash.update(data)
@@ -154,8 +171,10 @@ class ShardWriter:
                          self.first, self.last)
 
     def abort(self) -> None:
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._file.close()  # flushes what is buffered: may itself fail on a full disk
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -182,21 +201,85 @@ def manifest_path(split_dir: str | os.PathLike) -> Path:
 
 
 def read_manifest(split_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and minimally validate a split's manifest; errors name the file."""
+    """Read and validate a split's manifest; errors name the file (and the shard).
+
+    A manifest is data: readers rely on every shard entry having a plain relative `name`
+    and an integer `num_samples >= 0` that add up to `num_samples`, so anything else is
+    refused here instead of failing (or silently miscounting) deep inside a reader."""
     path = manifest_path(split_dir)
     if not path.is_file():
         raise PipelineError(f"no shard manifest at {path}: run `pipeline prepare` first, "
                             f"or point at the split directory that holds {MANIFEST_NAME}")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PipelineError(f"cannot read shard manifest {path}: {e}") from e
+    if not isinstance(manifest, dict):
+        raise PipelineError(f"shard manifest {path} is not a JSON object: "
+                            f"it was not written by `pipeline prepare`")
     missing = [k for k in ("num_samples", "shards", "classes", "image_size", "image_format")
                if k not in manifest]
     if missing:
         raise PipelineError(f"shard manifest {path} lacks {', '.join(missing)}: "
                             f"it was not written by `pipeline prepare`")
+    _check_manifest_fields(manifest, path)
     return manifest
+
+
+_REGENERATE = "regenerate it with `pipeline prepare` (or repair the file)"
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON integer >= 0; bool is an int subclass in Python but never a count here."""
+    return type(value) is int and value >= 0
+
+
+def _check_shard_name(name: Any, path: Path) -> None:
+    if (not isinstance(name, str) or not name or _URL_SCHEME.match(name) or "\0" in name
+            or Path(name).is_absolute() or ".." in Path(name).parts):
+        raise PipelineError(f"shard manifest {path} lists shard {name!r}, which is not a "
+                            f"plain file name in its directory; manifest entries are never opened "
+                            f"as URLs or run as commands: regenerate the manifest with "
+                            f"`pipeline prepare`")
+
+
+def _check_shard_entry(entry: Any, index: int, path: Path) -> None:
+    if not isinstance(entry, dict):
+        raise PipelineError(f"shard manifest {path}: shards[{index}] is a {type(entry).__name__}, "
+                            f"not an object with a name and num_samples: {_REGENERATE}")
+    _check_shard_name(entry.get("name"), path)
+    count = entry.get("num_samples")
+    if not _is_count(count):
+        raise PipelineError(f"shard manifest {path}: shard {entry['name']!r} has num_samples "
+                            f"{count!r}, not an integer >= 0: {_REGENERATE}")
+
+
+def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise PipelineError(f"shard manifest {path}: shards is {type(shards).__name__}, not a "
+                            f"list of shard entries: {_REGENERATE}")
+    names = set()
+    for index, entry in enumerate(shards):
+        _check_shard_entry(entry, index, path)
+        if entry["name"] in names:  # read twice, its samples would count twice
+            raise PipelineError(f"shard manifest {path} lists shard {entry['name']!r} twice: "
+                                f"{_REGENERATE}")
+        names.add(entry["name"])
+    total = sum(entry["num_samples"] for entry in shards)
+    if not _is_count(manifest["num_samples"]) or manifest["num_samples"] != total:
+        raise PipelineError(f"shard manifest {path}: num_samples is "
+                            f"{manifest['num_samples']!r}, but its shards hold {total} samples: "
+                            f"{_REGENERATE}")
+    size = manifest["image_size"]
+    if type(size) is not int or size < 1:
+        raise PipelineError(f"shard manifest {path}: image_size {size!r} is not a positive "
+                            f"integer: {_REGENERATE}")
+    if not isinstance(manifest["classes"], list):
+        raise PipelineError(f"shard manifest {path}: classes is a "
+                            f"{type(manifest['classes']).__name__}, not a list of class ids: "
+                            f"{_REGENERATE}")
 
 
 def write_manifest(split_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
@@ -210,7 +293,12 @@ def manifest_hash(split_dir: str | os.PathLike) -> str:
     manifest = read_manifest(split_dir)
     h = hashlib.sha256()
     for shard in manifest["shards"]:
-        h.update(f"{shard['name']}:{shard['sha256']}\n".encode())
+        digest = shard.get("sha256")
+        if not isinstance(digest, str) or not digest:
+            raise PipelineError(f"shard manifest {manifest_path(split_dir)}: shard "
+                                f"{shard['name']!r} has no sha256 to identify it by: "
+                                f"{_REGENERATE}")
+        h.update(f"{shard['name']}:{digest}\n".encode())
     return h.hexdigest()[:16]
 
 

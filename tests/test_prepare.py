@@ -363,6 +363,16 @@ def test_keys_are_dot_free_unique_and_stable():
     assert inputs.assign_keys(["train/n01/n01_10026.JPEG"]) == ["n01_10026"]
 
 
+def test_keys_of_dotted_names_are_the_whole_name_without_its_extension():
+    # As shards/README.md documents: the name without its extension, every character
+    # outside [A-Za-z0-9_-] replaced by `_` (dots too: webdataset splits at the FIRST dot).
+    srcs = ["train/a/a.b.JPEG", "train/a/img.v1.JPEG", "train/a/img.v2.JPEG", "train/a/x y.png",
+            "train/a/n01_10026.JPEG"]
+    assert inputs.assign_keys(srcs) == ["a_b", "img_v1", "img_v2", "x_y", "n01_10026"]
+    readme = (REPO / "shards" / "README.md").read_text()
+    assert "`a.b.JPEG` → `a_b`" in readme
+
+
 def test_part_from_flag_and_slurm_array():
     assert prep.parse_part("1/4", {}) == (1, 4)
     assert prep.parse_part(None, {}) == (0, 1)
