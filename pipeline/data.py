@@ -5,13 +5,23 @@ itself, so it must never be passed to `accelerator.prepare` (which would split t
 stream a second time). Rank and world size are passed in or read from
 `torch.distributed`, then from the RANK/WORLD_SIZE environment variables.
 
-Train mode is an endless stream per (rank, worker): round r of stream s reads one shard
-chosen by a seeded shuffle of ALL shards (a fresh order every pass), through a shuffle
-buffer that is drained at the end of each round. Every stream sees every shard, so no
-rank or worker runs dry, even with fewer shards than ranks x workers, and the trainer's
-step count alone decides the end. Because a round's content depends only on
-(seed, stream, round), resuming at a batch index skips whole rounds by arithmetic on the
-manifest's per-shard counts and decodes nothing it skips.
+Train mode is an endless stream per (rank, worker): S = ranks x workers streams, and
+the trainer's step count alone decides the end. With `sampling="exact"` (the default)
+every epoch shows each sample once: epoch e concatenates the shards in a permutation
+seeded by (seed, e) alone, the same on every rank, and stream s takes the samples
+[s*T//S, (s+1)*T//S) of those T (whole shards in the middle, parts of shards at its two
+ends, so fewer shards than streams work too). Shares differ by at most one sample, so
+ranks stay in step; a stream that finishes its share goes on with its share of epoch
+e+1, so none runs dry. Within its share a stream keeps up to `interleave` segments open
+and draws each next sample from a seeded random one of them (weighted by what each has
+left) into a shuffle buffer that is drained at the end of the epoch.
+`sampling="resampled"` is the earlier scheme: round r of stream s reads one shard chosen
+by a seeded shuffle of ALL shards (a fresh order every pass), through a shuffle buffer
+drained at the end of each round; streams draw shards with replacement, so an epoch's
+worth of batches repeats some samples and misses others.
+Either way an epoch's (or round's) content depends only on (seed, stream, epoch or
+round), so resuming at a batch index skips whole epochs (rounds) by arithmetic on the
+per-shard counts, and within one reads but never decodes the samples it skips.
 
 Eval mode yields every sample exactly once across all ranks and workers ("slots"):
 shards round-robin over slots when there are enough of them, otherwise every slot reads
@@ -41,7 +51,7 @@ import warnings
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -65,6 +75,7 @@ except ImportError:  # a torchvision without it: PNG falls back to PIL
     decode_png = None
 
 MODES = ("train", "eval")
+SAMPLING = ("exact", "resampled")  # train mode: exact epochs, or shards drawn per stream
 READ_BUFFER = 1 << 20  # bytes buffered per open shard
 PREFETCH = 4  # batches each DataLoader worker prepares ahead (its prefetch_factor)
 # Reusable shared-memory batch buffers per worker: its prefetched batches, the one the
@@ -129,29 +140,20 @@ def _is_local_split(item: str) -> bool:
     return path.is_dir() or (path.name == MANIFEST_NAME and path.is_file())
 
 
-def _check_manifest_entry(name: Any, manifest_file: Path) -> str:
-    """A manifest is data: its shard names must be plain relative file names, never commands."""
-    if (not isinstance(name, str) or not name or _URL_SCHEME.match(name)
-            or Path(name).is_absolute() or ".." in Path(name).parts):
-        raise PipelineError(f"shard manifest {manifest_file} lists shard {name!r}, which is not a "
-                            f"plain file name in its directory; manifest entries are never opened "
-                            f"as URLs or run as commands: regenerate the manifest with "
-                            f"`pipeline prepare`")
-    return name
-
-
 def _from_manifest(location: str) -> ShardSet:
+    # read_manifest validates the entries: each a plain relative name (never a URL or a
+    # command) with an integer count >= 0, the counts adding up to num_samples.
     manifest = read_manifest(location)
     manifest_file = manifest_path(location).resolve()
     urls, counts = [], []
     for entry in manifest["shards"]:
-        shard = manifest_file.parent / _check_manifest_entry(entry.get("name"), manifest_file)
+        shard = manifest_file.parent / entry["name"]
         if not shard.is_file():
             raise PipelineError(f"shard {shard} listed in {manifest_file} is missing: "
                                 f"re-run `pipeline prepare` or restore the file")
         # Absolute paths: an entry can never be mistaken for a URL when opened.
         urls.append(str(shard))
-        counts.append(int(entry["num_samples"]))
+        counts.append(entry["num_samples"])
     if not urls:
         raise PipelineError(f"shard manifest {manifest_file} lists no shards")
     return ShardSet(tuple(urls), tuple(counts), manifest)
@@ -165,8 +167,8 @@ def _neighbour_manifest(urls: list[str]) -> ShardSet:
     manifest_file = parents.pop() / MANIFEST_NAME
     if not manifest_file.is_file():
         return ShardSet(tuple(urls), None, None)
-    manifest = read_manifest(manifest_file)
-    listed = {entry.get("name"): int(entry["num_samples"]) for entry in manifest["shards"]}
+    manifest = read_manifest(manifest_file)  # validated: names and counts are sound
+    listed = {entry["name"]: entry["num_samples"] for entry in manifest["shards"]}
     names = [Path(url).name for url in urls]
     unlisted = [name for name in names if name not in listed]
     if unlisted:
@@ -415,6 +417,107 @@ def _shard_order(seed: int, stream: int, pass_index: int, num_shards: int) -> tu
     return tuple(order)
 
 
+# ---------------------------------------------------------------- exact epochs: the plan
+
+class Segment(NamedTuple):
+    """The samples [start, stop) of shard number `shard` (an index into ShardSet.urls)."""
+    shard: int
+    start: int
+    stop: int
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_shards: int) -> tuple[int, ...]:
+    """The shard order of exact epoch `epoch`: seeded by (seed, epoch) alone, so every
+    rank and worker derives the same one without talking to the others."""
+    order = list(range(num_shards))
+    random.Random(f"epoch/{seed}/{epoch}").shuffle(order)
+    return tuple(order)
+
+
+def stream_share(total: int, stream: int, streams: int) -> range:
+    """Positions [s*T//S, (s+1)*T//S) of an epoch's T samples: stream s's share, floor or
+    ceil of T/S samples, every position in exactly one stream's share."""
+    return range(stream * total // streams, (stream + 1) * total // streams)
+
+
+def stream_segments(counts: Sequence[int], order: Sequence[int], stream: int,
+                    streams: int) -> list[Segment]:
+    """Stream s's share of an epoch whose shards are concatenated in `order`, as the
+    pieces of shards it covers: whole shards, and partial ones at its two ends."""
+    share = stream_share(sum(counts), stream, streams)
+    segments, offset = [], 0
+    for shard in order:
+        if offset >= share.stop:
+            break
+        start, stop = max(share.start, offset), min(share.stop, offset + counts[shard])
+        if start < stop:
+            segments.append(Segment(shard, start - offset, stop - offset))
+        offset += counts[shard]
+    return segments
+
+
+def count_samples(urls: Sequence[str]) -> tuple[int, ...]:
+    """Samples per shard by reading (not decoding) every shard once: for shards without a
+    manifest, whose epochs (and resume points) must still be planned from counts."""
+    counts = []
+    for url in urls:
+        with closing(open_shard(url)) as stream:
+            counts.append(sum(1 for _ in iter_samples(stream)))
+    return tuple(counts)
+
+
+def _check_streams(total: int, world_size: int, workers: int, first_url: str) -> None:
+    """Exact epochs need a sample for every stream; fewer would leave a stream empty."""
+    streams = world_size * workers
+    if total == 0:
+        raise PipelineError(f"the shards {first_url}... hold no samples: point the spec at "
+                            f"a split that `pipeline prepare` wrote samples to")
+    if total < streams:
+        raise PipelineError(f"exact epochs deal the {total} samples of the shards "
+                            f"{first_url}... to {world_size} rank(s) x {workers} worker(s) = "
+                            f"{streams} streams, more streams than samples: use fewer "
+                            f"DataLoader workers or ranks (or sampling='resampled')")
+
+
+def _interleaved(sources: Iterable[tuple[int, Iterator[Any]]], width: int,
+                 rng: random.Random) -> Iterator[Any]:
+    """Merge `sources`, pairs (planned size, items), with up to `width` of them open.
+
+    Each next item comes from an open source drawn at random, weighted by what it has
+    left, so the open sources run out together (a uniformly random merge) and a batch
+    mixes all of them. A source that is done, or ends early (a read error), makes room
+    for the next one; one planned empty is skipped."""
+    pending = ((left, items) for left, items in sources if left > 0)
+    opened = [[left, items] for left, items in itertools.islice(pending, width)]
+    total = sum(left for left, _ in opened)
+    while opened:
+        slot = 0
+        if len(opened) > 1:
+            pick = int(rng.random() * total)  # randrange costs twice as much per item
+            while pick >= opened[slot][0]:
+                pick -= opened[slot][0]
+                slot += 1
+        source = opened[slot]
+        for item in source[1]:
+            source[0] -= 1
+            total -= 1
+            yield item
+            if source[0]:
+                break
+            # Let the reader finish: it checks the shard's end (a stale count) and closes it.
+            for _ in source[1]:
+                pass
+        else:
+            total -= source[0]  # ended early: what it still owed will never come
+            source[0] = 0
+        if source[0] == 0:
+            del opened[slot]
+            for left, items in itertools.islice(pending, 1):
+                opened.append([left, items])
+                total += left
+
+
 def _samples_lost(read: int, limit: int | None, share: tuple[int, int, int] | None) -> int | None:
     """This worker's samples after the first `read` of a shard (None: unknown count).
 
@@ -444,6 +547,9 @@ class ShardStream(IterableDataset):
     max_samples: int | None = None
     on_error: str = "warn"
     image_size: int | None = None
+    sampling: str = "exact"
+    interleave: int = 4  # exact: segments of a stream's share open (mixed) at once
+    sample_counts: tuple[int, ...] | None = None  # per shard, to plan epochs (epoch_counts)
     buffer_flags: torch.Tensor | None = None  # shared busy flags of the workers' buffers
     pinned: bool = False  # the DataLoader pins batches: send every batch to its pin thread
     _state: _WorkerState = field(default_factory=_WorkerState, init=False, repr=False)
@@ -471,16 +577,27 @@ class ShardStream(IterableDataset):
             return
         yield _WorkerReport(self._state.skipped, None)
 
+    def epoch_counts(self) -> tuple[int, ...]:
+        """Samples per shard that epochs (and resume points) are planned from: the
+        manifest's, else counted by reading every shard once (make_loader does that in
+        the main process for exact epochs, so workers inherit the counts)."""
+        if self.sample_counts is None:
+            self.sample_counts = (self.shards.counts if self.shards.counts is not None
+                                  else count_samples(self.shards.urls))
+        return self.sample_counts
+
     # ------------------------------------------------ reading one shard
 
     def _read(self, url: str, count: int | None, limit: int | None,
-              share: tuple[int, int, int] | None = None
+              share: tuple[int, int, int] | None = None, first: int = 0
               ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-        """(index in shard, key, members) up to `limit`; a read error ends the shard.
+        """(index in shard, key, members) from `first` up to `limit`; a read error ends
+        the shard. The samples before `first` are read (tar headers and data) but never
+        yielded, so nothing decodes them.
 
         The samples a failing shard takes with it are counted as skipped (or the error
-        raises): all of the rest up to `limit`, or with `share=(slot, slots, start)` only
-        those whose global index `start + i` falls on this slot."""
+        raises): all of the rest in [first, limit), or with `share=(slot, slots, start)`
+        only those whose global index `start + i` falls on this slot."""
         index = 0
         try:
             with closing(open_shard(url)) as stream:
@@ -491,12 +608,13 @@ class ShardStream(IterableDataset):
                                                 f"its manifest lists: the manifest is stale, "
                                                 f"re-run `pipeline prepare`")
                         return
-                    yield index, key, members
+                    if index >= first:
+                        yield index, key, members
                     index += 1
             if limit is not None and index < limit:
                 raise TarFormatError(f"it ends after {index} samples; its manifest lists {count}")
         except (OSError, ValueError, EOFError) as error:  # TarFormatError is a ValueError
-            self._fail(f"shard {url}", error, _samples_lost(index, limit, share))
+            self._fail(f"shard {url}", error, _samples_lost(max(index, first), limit, share))
 
     def _fail(self, what: str, error: Exception, lost: int | None) -> None:
         if self.on_error == "raise":
@@ -529,9 +647,66 @@ class ShardStream(IterableDataset):
         # at worker 0, so worker w plays the stream that produced batch start_batch + w.
         stream = (self.start_batch + worker) % num_workers
         own_batches_done = len(range(stream, self.start_batch, num_workers))
-        samples = self._train_samples(self.rank * num_workers + stream,
-                                      own_batches_done * self.batch_size)
+        stream_index, skip = self.rank * num_workers + stream, own_batches_done * self.batch_size
+        if self.sampling == "exact":
+            samples = self._exact_samples(stream_index, num_workers, skip)
+        else:
+            samples = self._resampled_samples(stream_index, skip)
         return _batched(samples, self.batch_size, self._batch_buffers(worker))
+
+    # exact epochs
+
+    def _exact_samples(self, stream: int, num_workers: int, skip: int) -> Iterator[Sample]:
+        """Stream s's share of epoch after epoch, starting `skip` samples in."""
+        counts, streams = self.epoch_counts(), self.world_size * num_workers
+        _check_streams(sum(counts), self.world_size, num_workers, self.shards.urls[0])
+        # Every epoch gives a stream a share of the same length: skip whole epochs by it.
+        first_epoch, skip = divmod(skip, len(stream_share(sum(counts), stream, streams)))
+        empty_epochs = 0
+        for epoch in itertools.count(first_epoch):
+            produced = False
+            # Skipped samples still pass the mixing, the shuffle buffer and their flip
+            # draw, but are never decoded.
+            share = self._epoch_share(stream, streams, epoch)
+            for url, key, members, flip in itertools.islice(share, skip, None):
+                sample = self._decode(url, key, members, flip)
+                if sample is not None:
+                    produced = True
+                    yield sample
+            skip = 0
+            empty_epochs = 0 if produced else empty_epochs + 1
+            # 2S epochs of one stream's share are as much reading as two passes over all
+            # the shards: by then its share of them is unreadable, not unlucky.
+            if empty_epochs >= 2 * streams:
+                raise PipelineError(f"no readable sample in {empty_epochs} epochs of stream "
+                                    f"{stream}'s share of the {len(counts)} shards (first: "
+                                    f"{self.shards.urls[0]}); see the warnings, and repair "
+                                    f"or re-prepare the shards")
+
+    def _epoch_share(self, stream: int, streams: int, epoch: int
+                     ) -> Iterator[tuple[str, str, dict[str, bytes], bool]]:
+        """Epoch e of stream s: the raw samples of its share, `interleave` segments mixed
+        at a time, through the shuffle buffer (drained at the epoch's end), each with a
+        flip draw. Seeded by (seed, stream, epoch) alone, so a resumed stream can rebuild
+        any epoch without knowing what came before it."""
+        counts = self.epoch_counts()
+        order = epoch_order(self.seed, epoch, len(counts))
+        segments = stream_segments(counts, order, stream, streams)
+        tag = f"{self.seed}/{stream}/{epoch}"
+        mixed = _interleaved(((seg.stop - seg.start, self._segment(seg)) for seg in segments),
+                             self.interleave, random.Random(f"epoch-mix/{tag}"))
+        shuffled = _shuffled(mixed, self.shuffle_buffer, random.Random(f"epoch-shuffle/{tag}"))
+        flip_rng = random.Random(f"epoch-flip/{tag}")
+        return ((url, key, members, self.flip and flip_rng.random() < 0.5)
+                for url, key, members in shuffled)
+
+    def _segment(self, segment: Segment) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        url, count = self.shards.urls[segment.shard], self.epoch_counts()[segment.shard]
+        # Nothing is opened until the mixing draws the segment's first sample.
+        return ((url, key, members) for _, key, members
+                in self._read(url, count, segment.stop, first=segment.start))
+
+    # resampled shards
 
     def _round_shard(self, stream: int, round_index: int) -> int:
         pass_index, position = divmod(round_index, len(self.shards.urls))
@@ -539,7 +714,7 @@ class ShardStream(IterableDataset):
 
     def _first_round(self, stream: int, skip: int) -> tuple[int, int]:
         """Skip whole rounds by their sample counts: (first round to read, samples to drop)."""
-        counts = self.shards.counts or self._count_samples()
+        counts = self.epoch_counts()
         if sum(counts) == 0:
             raise PipelineError(f"the shards {self.shards.urls[0]}... hold no samples")
         round_index = 0
@@ -547,14 +722,6 @@ class ShardStream(IterableDataset):
             skip -= counts[self._round_shard(stream, round_index)]
             round_index += 1
         return round_index, skip
-
-    def _count_samples(self) -> tuple[int, ...]:
-        # Without a manifest, resuming has to read (not decode) every shard once.
-        counts = []
-        for url in self.shards.urls:
-            with closing(open_shard(url)) as stream:
-                counts.append(sum(1 for _ in iter_samples(stream)))
-        return tuple(counts)
 
     def _round(self, stream: int, round_index: int) -> tuple[str, Iterator[tuple[str, dict, bool]]]:
         """Round r of a train stream: its shard's raw samples, shuffled, each with a flip draw.
@@ -570,7 +737,7 @@ class ShardStream(IterableDataset):
         return url, ((key, members, self.flip and flip_rng.random() < 0.5)
                      for key, members in _shuffled(raw, self.shuffle_buffer, shuffle_rng))
 
-    def _train_samples(self, stream: int, skip: int) -> Iterator[Sample]:
+    def _resampled_samples(self, stream: int, skip: int) -> Iterator[Sample]:
         first_round, skip = self._first_round(stream, skip) if skip else (0, 0)
         empty_rounds = 0
         for round_index in itertools.count(first_round):
@@ -650,8 +817,9 @@ class ShardLoader:
     """Iterable of `(images uint8 Bx3xHxW, labels int64 B, keys)`; built by make_loader.
 
     After a pass: `num_seen`, `num_skipped` (this rank) and `expected_total` (all ranks:
-    the manifest's count, or max_samples, None without a manifest). Iterating a train
-    loader again continues after the last batch it yielded.
+    the manifest's count, or max_samples, None without a manifest). `epoch_size` is T,
+    the samples of one epoch over all ranks (train; eval: expected_total). Iterating a
+    train loader again continues after the last batch it yielded.
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int):
@@ -668,6 +836,15 @@ class ShardLoader:
         # storage of the batch the caller may still hold in each.
         self._mapped: dict[tuple[int, int], torch.Tensor] = {}
         self._lent: dict[tuple[int, int], StorageWeakRef] = {}
+
+    @property
+    def epoch_size(self) -> int | None:
+        """Samples per epoch over all ranks: the trainer's fractional epoch is the samples
+        consumed over all ranks / epoch_size. Without a manifest a resampled train loader
+        counts them on first use, reading every shard once."""
+        if self.dataset.mode == "eval":
+            return self.expected_total
+        return sum(self.dataset.epoch_counts())
 
     def _expected_total(self) -> int | None:
         total, max_samples = self.dataset.shards.total, self.dataset.max_samples
@@ -740,10 +917,14 @@ class ShardLoader:
 
 
 def _check_arguments(mode: str, batch_size: int, num_workers: int, start_batch: int,
-                     shuffle_buffer: int, max_samples: int | None, on_error: str) -> None:
+                     shuffle_buffer: int, max_samples: int | None, on_error: str,
+                     sampling: str, interleave: int) -> None:
     problems = [
         (mode not in MODES, f"mode must be one of {MODES}, not {mode!r}"),
         (on_error not in ON_ERROR, f"on_error must be one of {ON_ERROR}, not {on_error!r}"),
+        (sampling not in SAMPLING, f"sampling must be one of {SAMPLING}, not {sampling!r}"),
+        (type(interleave) is not int or interleave < 1,
+         f"interleave must be an integer >= 1, not {interleave!r}"),
         (batch_size < 1, f"batch_size must be >= 1, not {batch_size}"),
         (num_workers < 0, f"num_workers must be >= 0, not {num_workers}"),
         (start_batch < 0, f"start_batch must be >= 0, not {start_batch}"),
@@ -764,11 +945,16 @@ def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: i
                 seed: int = 0, rank: int | None = None, world_size: int | None = None,
                 start_batch: int = 0, shuffle_buffer: int = 2000, flip: bool = False,
                 max_samples: int | None = None, on_error: str = "warn",
-                allow_pipe: bool = True) -> ShardLoader:
+                allow_pipe: bool = True, sampling: str = "exact",
+                interleave: int = 4) -> ShardLoader:
     """A streaming loader over `spec` (split directory, manifest, brace pattern or URL list).
 
     train: endless, deterministic in (seed, rank, worker), resumable with `start_batch`
     (batches this rank already consumed; same batch size, workers and world size).
+    `sampling="exact"`: each epoch (`loader.epoch_size` samples over all ranks) shows
+    every sample once, `interleave` shards mixed per stream; it needs at least one
+    sample per stream (ranks x workers) and, without a manifest, reads every shard once
+    here to count it. `sampling="resampled"`: each stream draws whole shards on its own.
     eval: every sample exactly once over all ranks; `max_samples` keeps the first M in
     manifest order. `allow_pipe=False` refuses `pipe:` commands in the spec; a
     manifest's entries are never run as commands either way.
@@ -779,7 +965,7 @@ def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: i
     on to batches is safe (the worker then uses other buffers).
     """
     _check_arguments(mode, batch_size, num_workers, start_batch, shuffle_buffer, max_samples,
-                     on_error)
+                     on_error, sampling, interleave)
     shards = resolve_spec(spec, allow_pipe)
     if max_samples is not None and shards.counts is None:
         raise PipelineError(f"max_samples needs per-shard counts from a manifest: point the spec "
@@ -787,7 +973,12 @@ def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: i
     rank, world_size = _distributed_position(rank, world_size)
     image_size = shards.manifest.get("image_size") if shards.manifest else None
     dataset = ShardStream(shards, mode, batch_size, seed, rank, world_size, start_batch,
-                          shuffle_buffer, flip, max_samples, on_error, image_size)
+                          shuffle_buffer, flip, max_samples, on_error, image_size,
+                          sampling=sampling, interleave=interleave)
+    if mode == "train" and sampling == "exact":
+        # Counted here once (if no manifest gives the counts), not in every worker.
+        _check_streams(sum(dataset.epoch_counts()), world_size, max(1, num_workers),
+                       shards.urls[0])
     return ShardLoader(dataset, num_workers)
 
 

@@ -2,8 +2,9 @@
 
 Each rank takes `--steps` train batches from 2 workers (the shard set may have fewer
 shards than ranks x workers), checks with an all_reduce that both ranks took the same
-number, then makes one eval pass over each `--val` spec and writes what it saw to
-`OUT/rank<r>.json` for tests/test_data.py to check exactly-once delivery.
+number, then makes one eval pass over each `--val` spec and writes what it saw (train
+keys too, for exact epochs) to `OUT/rank<r>.json` for tests/test_data.py to check
+exactly-once delivery.
 """
 from __future__ import annotations
 
@@ -26,15 +27,20 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path, help="directory for rank<r>.json")
     parser.add_argument("--steps", type=int, default=50, help="train batches per rank")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    parser.add_argument("--sampling", default="exact", help="train sampling (exact, resampled)")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     assert world_size == 2, f"expected 2 processes, got world size {world_size}"
 
-    train = make_loader(args.train, 8, mode="train", num_workers=args.workers, seed=0)
+    train = make_loader(args.train, 8, mode="train", num_workers=args.workers, seed=0,
+                        sampling=args.sampling)
     assert (train.dataset.rank, train.dataset.world_size) == (rank, 2)
-    steps = sum(1 for _ in itertools.islice(train, args.steps))
+    train_keys, steps = [], 0
+    for _, _, keys in itertools.islice(train, args.steps):
+        train_keys += keys
+        steps += 1
     counts = torch.tensor([steps])
     dist.all_reduce(counts, op=dist.ReduceOp.MIN)  # a rank that ran dry would show here
 
@@ -46,8 +52,9 @@ def main() -> int:
                       "num_skipped": loader.num_skipped, "expected_total": loader.expected_total})
     dist.barrier()
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"rank": rank, "train_steps": steps, "min_train_steps": int(counts.item()),
-              "evals": evals}
+    report = {"rank": rank, "world_size": world_size, "train_steps": steps,
+              "min_train_steps": int(counts.item()), "train_keys": train_keys,
+              "epoch_size": train.epoch_size, "evals": evals}
     (args.out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
     return 0

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,7 @@ def test_train_stream_is_deterministic_and_differs_by_rank_and_seed(shard_root):
     assert first_keys(seed=1, rank=0, world_size=2) == reference
     assert first_keys(seed=1, rank=1, world_size=2) != reference
     assert first_keys(seed=2, rank=0, world_size=2) != reference
-    assert len(set(reference)) == 40  # no repeats inside a shard's round
+    assert len(set(reference)) == 40  # no repeats inside an epoch's share (or a shard's round)
 
 
 def test_flip_mirrors_about_half_the_images_deterministically(shard_root):
@@ -141,12 +142,15 @@ def test_one_shard_never_runs_dry_for_four_ranks(shard_root):
         assert len(batches) == 20 and all(len(keys) == 8 for _, _, keys in batches)
 
 
+@pytest.mark.parametrize("sampling", ["exact", "resampled"])
 @pytest.mark.parametrize("start_batch", [5, 6, 33])
-def test_resume_yields_exactly_the_uninterrupted_batches(shard_root, start_batch):
+def test_resume_yields_exactly_the_uninterrupted_batches(shard_root, start_batch, sampling):
     """2 workers; at 33, worker 0 resumes the stream of worker 1 after 16 of its batches:
-    128 samples, past the end of its first 120-sample shard round."""
+    128 samples, past the end of its first 120-sample shard round (resampled) or in its
+    first 150-sample epoch share (exact; tests/test_loader_epochs.py crosses epochs)."""
     split = shard_root / "train"
-    kw = dict(num_workers=2, seed=7, shuffle_buffer=50, flip=True, rank=1, world_size=2)
+    kw = dict(num_workers=2, seed=7, shuffle_buffer=50, flip=True, rank=1, world_size=2,
+              sampling=sampling)
     full = take(make_loader(split, 8, **kw), start_batch + 4)
     resumed = take(make_loader(split, 8, start_batch=start_batch, **kw), 4)
     assert keys_of(resumed) == keys_of(full[start_batch:])
@@ -163,6 +167,33 @@ def test_resume_decodes_nothing_it_skips(shard_root, monkeypatch):
     resumed = take(make_loader(split, 8, num_workers=0, seed=2, start_batch=41), 1)
     assert keys_of(resumed) == keys_of(full[41:])
     assert len(decoded) == 8
+
+
+# Today's resampled stream, recorded before exact epochs became the default: the same
+# seed must keep giving the same batches (make_split(root, "train", 60, 12, fmt="npy",
+# size=8); seed 3, rank 1 of 2, shuffle buffer 7, batches of 5).
+RESAMPLED_KEYS = [
+    40, 36, 38, 41, 42, 44, 45, 37, 39, 46, 43, 47, 28, 26, 25, 30, 29, 24, 27, 33, 35, 34, 31,
+    32, 4, 1, 3, 2, 0, 10, 8, 7, 9, 6, 5, 11, 50, 54, 48, 56, 52, 53, 55, 49, 58, 57, 59, 51, 15,
+    13, 20, 19, 21, 16, 22, 14, 12, 18, 23, 17, 15, 16, 19, 14, 17, 23, 12, 21, 22, 13, 20, 18,
+    3, 4, 7, 8, 0, 6, 1, 5, 11, 10, 2, 9, 28, 25, 30, 26, 33, 27, 29, 31, 34, 32, 35, 24, 49, 51,
+    53, 56, 54, 48, 58, 52, 55, 50, 59, 57, 36, 43, 37, 38, 42, 45, 39, 47, 44, 40, 41, 46, 49,
+    53, 56, 50, 55, 51, 48, 57, 52, 58, 59, 54, 15, 13, 12, 20, 17, 21, 14, 18, 22, 16, 23, 19,
+    26, 28, 31, 27, 25, 35]
+RESAMPLED_FLIPS = ("11101111110101001010111001111111110100100111100011010010000010011011010100"
+                   "0000101100011110101110111010111110011101111111000000111111010110010001001000")
+
+
+def test_resampled_sampling_gives_the_same_batches_as_before(tmp_path):
+    split = make_split(tmp_path, "train", 60, 12, fmt="npy", size=8)
+    kw = dict(num_workers=0, seed=3, rank=1, world_size=2, shuffle_buffer=7,
+              sampling="resampled")
+    flipped = take(make_loader(split, 5, flip=True, **kw), 30)
+    plain = take(make_loader(split, 5, **kw), 30)
+    assert keys_of(flipped) == [f"train_{i:06d}" for i in RESAMPLED_KEYS] == keys_of(plain)
+    mirrored = "".join("0" if torch.equal(a, b) else "1" for a, b in
+                       zip(torch.cat([b[0] for b in flipped]), torch.cat([b[0] for b in plain])))
+    assert mirrored == RESAMPLED_FLIPS
 
 
 def test_iterating_a_train_loader_again_continues_where_it_stopped(shard_root):
@@ -460,7 +491,10 @@ def free_port() -> int:
 
 
 def test_two_ranks_two_workers_under_torchrun(shard_root, tmp_path):
-    """Train: 2 shards < 2 ranks x 2 workers, 50 steps each; eval: exactly once."""
+    """Train: 2 shards < 2 ranks x 2 workers, 50 steps each; eval: exactly once.
+
+    Exact epochs: 40 samples make 4 shares of 10; each worker's stream yields 25 batches
+    of 8 = 200 samples = 20 whole epochs, so pooled, every sample comes exactly 20 times."""
     out = tmp_path / "out"
     val_specs = [shard_root / "val", shard_root / "one_shard"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -472,8 +506,12 @@ def test_two_ranks_two_workers_under_torchrun(shard_root, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in reports] == [2, 2]
     assert [r["train_steps"] for r in reports] == [50, 50]
     assert all(r["min_train_steps"] == 50 for r in reports)
+    train_keys = Counter(key for r in reports for key in r["train_keys"])
+    assert train_keys == Counter({key: 20 for key in manifest_keys(shard_root / "two_shards")})
+    assert all(r["epoch_size"] == 40 for r in reports)
     for i, spec in enumerate(val_specs):
         keys = [key for r in reports for key in r["evals"][i]["keys"]]
         assert sorted(keys) == sorted(manifest_keys(spec))
@@ -489,9 +527,27 @@ def test_bench_load_json_reports_every_stage(capsys):
     report = json.loads(capsys.readouterr().out)
     row = report["formats"]["npy"]
     stages = ["decode", "read", "read_decode", "webdataset_read_decode", "loader_1_worker",
-              "loader_2_workers", "loader_2_workers_per_worker"]
+              "loader_2_workers", "loader_2_workers_per_worker", "loader_1_worker_resampled",
+              "loader_2_workers_resampled", "loader_2_workers_resampled_per_worker"]
     assert all(row[stage] > 0 for stage in stages)
     assert row["target_per_worker"] == 30000 and row["sample_bytes"] > 12288
+    # 256 samples make one shard: every batch draws from that one.
+    assert row["shards_per_batch_exact"] == row["shards_per_batch_resampled"] == 1
+    assert report["interleave"] == 4
+
+
+def test_bench_load_counts_the_shards_a_batch_draws_from(tmp_path):
+    from pipeline.bench import load
+    split = make_split(tmp_path, "train", 96, 8, fmt="npy", size=8)  # 12 shards
+    urls = [str(path) for path in sorted(split.glob("*.tar"))]
+    shard_of = load.shard_of_keys(urls)
+    assert Counter(shard_of.values()) == Counter({index: 8 for index in range(12)})
+    run = load.LoaderRun(1.0, [["train_000000", "train_000009", "train_000010"],
+                               ["train_000095"]])
+    assert load.shards_per_batch(run, shard_of) == 1.5
+    mixed = load.loader_run(str(split), 0, 48, 16, sampling="exact", interleave=4)
+    single = load.loader_run(str(split), 0, 48, 16, sampling="resampled")
+    assert load.shards_per_batch(mixed, shard_of) > load.shards_per_batch(single, shard_of)
 
 
 def test_bench_load_table_on_given_shards(shard_root, capsys):

@@ -8,8 +8,13 @@ is visible next to the bare decode rate:
   webdataset      webdataset's generic tarfile pipeline + the same decode, one process
   loader 1w       make_loader(mode="train") with 1 worker: shuffle buffer, batching, IPC
   loader 2w       the same with 2 workers (total and per worker)
-Shards are written to a temporary directory (natural-looking 64x64 content: smooth
-colour fields plus texture, ~9 KB as PNG) unless --shards points at existing ones.
+Both loader stages run twice: with exact epochs (the default, `--interleave` shards
+mixed per stream) and with sampling="resampled" (shards drawn per stream, the earlier
+default). Alongside, from the 2-worker runs: `shards_per_batch_exact` and
+`shards_per_batch_resampled`, the distinct shards a train batch draws from (mean over
+its batches). Shards are written to a temporary directory (natural-looking 64x64
+content: smooth colour fields plus texture, ~9 KB as PNG) unless --shards points at
+existing ones.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -93,38 +98,74 @@ def webdataset_samples(urls: list[str]):
     return ({k: v for k, v in s.items() if not k.startswith("__")} for s in dataset)
 
 
-def loader_rate(spec: str, num_workers: int, num_samples: int, batch_size: int) -> float:
+class LoaderRun(NamedTuple):
+    rate: float  # samples/s
+    keys: list[list[str]]  # the keys of every batch, first one included
+
+
+def loader_run(spec: str, num_workers: int, num_samples: int, batch_size: int,
+               **sampling: Any) -> LoaderRun:
     """Train-mode samples/s after the first batch (worker start-up is not throughput)."""
-    batches = iter(make_loader(spec, batch_size, mode="train", num_workers=num_workers, seed=0))
-    next(batches)
+    batches = iter(make_loader(spec, batch_size, mode="train", num_workers=num_workers, seed=0,
+                               **sampling))
+    keys = [next(batches)[2]]
     count, start = 0, time.perf_counter()
-    for images, _, _ in batches:
+    for images, _, batch_keys in batches:
         count += len(images)
+        keys.append(batch_keys)  # a reference: nothing is copied while timing
         if count >= num_samples:
             break
-    return rate(count, time.perf_counter() - start)
+    return LoaderRun(rate(count, time.perf_counter() - start), keys)
 
 
-def measure(spec: str, num_samples: int, batch_size: int, progress: tqdm) -> dict:
+def shard_of_keys(urls: list[str]) -> dict[str, int]:
+    """key -> index of its shard, by reading (not decoding) every shard."""
+    return {key: index for index, url in enumerate(urls)
+            for key, _ in lean_samples([url])}
+
+
+def shards_per_batch(run: LoaderRun, shard_of: dict[str, int]) -> float:
+    """Distinct shards a batch draws from, mean over the run's batches."""
+    return round(float(np.mean([len({shard_of[key] for key in keys}) for keys in run.keys])), 2)
+
+
+def measure(spec: str, num_samples: int, batch_size: int, interleave: int,
+            progress: tqdm) -> dict:
     urls = list(resolve_spec(spec, allow_pipe=True).urls)
     in_memory = [members for _, members in itertools.islice(lean_samples(urls), 1000)]
     fmt = next(ext for ext in ("png", "npy", "webp", "jpg") if ext in in_memory[0])
-    stages: dict[str, Callable[[], float]] = {
+    exact = {"sampling": "exact", "interleave": interleave}
+    resampled = {"sampling": "resampled"}
+    stages: dict[str, Callable[[], float | LoaderRun]] = {
         "decode": lambda: timed(itertools.cycle(in_memory), num_samples, decode_image),
         "read": lambda: timed(lean_samples(urls), num_samples),
         "read_decode": lambda: timed(lean_samples(urls), num_samples, lambda s: decode_image(s[1])),
         "webdataset_read_decode": lambda: timed(webdataset_samples(urls), num_samples,
                                                 decode_image),
-        "loader_1_worker": lambda: loader_rate(spec, 1, num_samples, batch_size),
-        "loader_2_workers": lambda: loader_rate(spec, 2, num_samples, batch_size),
+        "loader_1_worker": lambda: loader_run(spec, 1, num_samples, batch_size, **exact),
+        "loader_2_workers": lambda: loader_run(spec, 2, num_samples, batch_size, **exact),
+        "loader_1_worker_resampled": lambda: loader_run(spec, 1, num_samples, batch_size,
+                                                        **resampled),
+        "loader_2_workers_resampled": lambda: loader_run(spec, 2, num_samples, batch_size,
+                                                         **resampled),
     }
     result: dict = {"format": fmt, "sample_bytes": round(float(np.mean(
         [sum(len(v) for v in members.values()) for members in in_memory])))}
+    runs: dict[str, LoaderRun] = {}
     for name, stage in stages.items():
         progress.set_postfix_str(f"{fmt}: {name}")
-        result[name] = stage()
+        outcome = stage()
+        if isinstance(outcome, LoaderRun):
+            runs[name], outcome = outcome, outcome.rate
+        result[name] = outcome
         progress.update()
-    result["loader_2_workers_per_worker"] = round(result["loader_2_workers"] / 2, 1)
+    shard_of = shard_of_keys(urls)
+    for sampling in ("exact", "resampled"):
+        suffix = "" if sampling == "exact" else "_resampled"
+        result[f"loader_2_workers{suffix}_per_worker"] = round(
+            result[f"loader_2_workers{suffix}"] / 2, 1)
+        result[f"shards_per_batch_{sampling}"] = shards_per_batch(
+            runs[f"loader_2_workers{suffix}"], shard_of)
     result["target_per_worker"] = TARGETS.get(fmt)
     result["decoder"] = PNG_DECODER if fmt == "png" else "numpy" if fmt == "npy" else "pil"
     return result
@@ -134,15 +175,25 @@ def print_table(report: dict) -> None:
     columns = [("decode", "decode"), ("read", "read"), ("read_decode", "read+decode"),
                ("webdataset_read_decode", "webdataset"), ("loader_1_worker", "loader 1w"),
                ("loader_2_workers", "loader 2w"), ("loader_2_workers_per_worker", "2w/worker"),
-               ("target_per_worker", "target")]
+               ("loader_1_worker_resampled", "resampled 1w"),
+               ("loader_2_workers_resampled_per_worker", "resampled/w"),
+               ("target_per_worker", "target"), ("shards_per_batch_exact", "shards/batch"),
+               ("shards_per_batch_resampled", "resampled")]
     print(f"samples/s ({report['samples']} samples a stage, batch {report['batch_size']}, "
-          f"{report['cpus']} CPUs, load average {report['load_average']})")
+          f"{report['cpus']} CPUs, load average {report['load_average']}); loader: exact "
+          f"epochs, interleave {report['interleave']}, unless marked resampled; shards a "
+          f"batch draws from (2 workers)")
     print(f"{'format':<8}{'decoder':<13}{'bytes':>8}"
           + "".join(f"{title:>13}" for _, title in columns))
     for fmt, row in report["formats"].items():
-        cells = "".join(f"{row[key]:>13,.0f}" if row[key] is not None else f"{'-':>13}"
-                        for key, _ in columns)
+        cells = "".join(cell(row[key], key.startswith("shards_per_batch")) for key, _ in columns)
         print(f"{fmt:<8}{row['decoder']:<13}{row['sample_bytes']:>8}{cells}")
+
+
+def cell(value: float | None, fraction: bool) -> str:
+    if value is None:
+        return f"{'-':>13}"
+    return f"{value:>13.2f}" if fraction else f"{value:>13,.0f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="loader batch size (default: %(default)s)")
+    parser.add_argument("--interleave", type=int, default=4,
+                        help="shards mixed per stream with exact epochs (default: %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of the table")
     return parser
@@ -172,15 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         specs = args.shards or [str(write_bench_shards(Path(tmp), fmt.strip(), args.samples))
                                 for fmt in args.formats.split(",")]
-        with tqdm(total=6 * len(specs), desc="bench load", unit="stage", file=sys.stderr,
+        with tqdm(total=8 * len(specs), desc="bench load", unit="stage", file=sys.stderr,
                   disable=None) as progress:
-            results = [measure(spec, args.samples, args.batch_size, progress) for spec in specs]
+            results = [measure(spec, args.samples, args.batch_size, args.interleave, progress)
+                       for spec in specs]
     formats: dict[str, dict] = {}
     for index, result in enumerate(results):
         fmt = result.pop("format")
         formats[fmt if fmt not in formats else f"{fmt}#{index}"] = result
     # Rates are wall-clock: on a shared machine (load above the CPU count) they are lower bounds.
-    report = {"samples": args.samples, "batch_size": args.batch_size, "cpus": available_cpus(),
+    report = {"samples": args.samples, "batch_size": args.batch_size,
+              "interleave": args.interleave, "cpus": available_cpus(),
               "load_average": round(os.getloadavg()[0], 2), "formats": formats}
     if args.json:
         print(dumps_json(report, indent=None))
