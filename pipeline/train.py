@@ -13,6 +13,12 @@ The streaming loader owns rank/worker splitting, so it never goes through
 optimizer do. The learning rate is a pure function of the step (`get_lr`), so the schedule's
 whole state is the step stored in each checkpoint.
 
+Checkpoints are written and read by `pipeline.checkpoint` (safetensors + JSON, verified
+against the hashes in COMPLETE), not by `accelerator.save_state`, whose pickles would run
+code on resume; `checkpoint_parts` is the table of what they hold. The main process holds
+`RUN_DIR/.lock` for the whole run: a second trainer on the same RUN_DIR is refused on every
+rank, before it writes anything.
+
 Exit codes: 0 done; 2 a user error (bad config, non-finite loss with --train.nan_policy stop);
 75 (`EXIT_PREEMPTED`, EX_TEMPFAIL) stopped by SIGTERM/SIGUSR1 after writing a checkpoint:
 requeue the same command with `--resume auto` (launch/slurm.sbatch does).
@@ -23,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -42,11 +49,13 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import (STATE_SUBDIR, TrainerState, check_model_matches, complete_checkpoints,
+from .checkpoint import (Part, TrainerState, check_model_matches, collectively,
+                         complete_checkpoints, load_checkpoint, read_record,
                          remove_stale_temporaries, resolve_resume, save_checkpoint)
-from .config import (Config, OptimConfig, add_config_arguments, build_config, list_presets,
-                     load_preset, to_yaml)
-from .data import make_loader, normalize, resolve_spec
+from .config import (ALIASES, Config, OptimConfig, add_config_arguments, build_config,
+                     list_presets, load_preset, to_yaml)
+from .data import ShardSet, make_loader, normalize, resolve_spec
+from .locking import Lock, acquire, describe_holder, holder_of
 from .metrics import per_image_l1, per_image_mse, per_image_psnr, to_unit_range
 from .models import build_model, compute_loss, save_pretrained
 from .tracking import RunLogger, check_tracker_available, project_configuration
@@ -58,21 +67,8 @@ NUM_GRID_IMAGES = 8      # fixed val images shown as originals vs reconstruction
 GRID_CAPTIONS = {"reconstructions": "top: fixed val originals; bottom: reconstructions",
                  "prior_samples": "decoded samples from the prior (fixed noise)"}
 VQ_STATS = ("usage", "perplexity", "usage_window", "perplexity_window")
+LOCK_NAME = ".lock"      # RUN_DIR/.lock: held by the main process for the whole run
 
-ALIASES = {
-    "--model": "model.model", "--arch": "model.arch", "--quantizer": "model.quantizer",
-    "--train-shards": "data.train_shards", "--val-shards": "data.val_shards",
-    "--num-workers": "data.num_workers", "--lr": "optim.lr", "--ema": "optim.ema",
-    "--output": "train.output", "--max-steps": "train.max_steps",
-    "--batch-size": "train.batch_size", "--grad-accum": "train.grad_accum",
-    "--mixed-precision": "train.mixed_precision", "--compile": "train.compile",
-    "--resume": "train.resume", "--seed": "train.seed", "--keep-last": "train.keep_last",
-    "--ckpt-every": "train.ckpt_every", "--val-every": "train.val_every",
-    "--log-every": "train.log_every", "--tracker": "tracker.tracker",
-    "--wandb-project": "tracker.project", "--project": "tracker.project",
-    "--entity": "tracker.entity", "--run-name": "tracker.run_name",
-    "--group": "tracker.group", "--tags": "tracker.tags",
-}
 
 
 # ---------------------------------------------------------------- configuration
@@ -112,10 +108,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
     preset = args.config or default_preset(args)
     data = load_preset(preset) if preset else {}
     data.pop("run", None)  # a run's config.yaml also records provenance; not a config field
-    return build_config(None, args, defaults=data)
+    return build_config(None, args, defaults=data, aliases=ALIASES)
 
 
-def check_shards(spec: str, option: str, split: str, need_counts: bool = False) -> None:
+def check_shards(spec: str, option: str, split: str, need_counts: bool = False) -> ShardSet:
     """Shard specs must resolve now, not after every rank has started."""
     hint = f"run `pipeline prepare --output DIR` and pass {option} DIR/{split}"
     if not spec:
@@ -128,19 +124,48 @@ def check_shards(spec: str, option: str, split: str, need_counts: bool = False) 
     if need_counts and shards.counts is None:
         raise PipelineError(f"{option} {spec}: the fixed validation subset needs the split "
                             f"directory with its manifest (per-shard counts); {hint}")
+    return shards
+
+
+def check_image_size(shards: ShardSet, spec: str, option: str, cfg: Config) -> None:
+    """A manifest states the shards' image size: it must be the model's (shards without a
+    manifest are checked on their first batch, `check_batch_shape`)."""
+    size = shards.manifest.get("image_size") if shards.manifest else None
+    if size is not None and size != cfg.model.image_size:
+        raise PipelineError(f"{option} {spec}: the shards hold {size}x{size} images (their "
+                            f"manifest), but the model is built for {cfg.model.image_size}px "
+                            f"(--model.image_size); pass --model.image_size {size}, or "
+                            f"prepare shards of {cfg.model.image_size}px")
+
+
+def refuse_if_locked(run_dir: Path) -> None:
+    """A running trainer on RUN_DIR: say so now, on every rank, before any collective (the
+    lock itself is taken in `take_run_lock`, which closes the race)."""
+    holder = holder_of(run_dir / LOCK_NAME)
+    if holder is not None:
+        raise PipelineError(f"--output {run_dir} is in use by another job: "
+                            f"{describe_holder(holder)}; wait for it to finish, or choose "
+                            f"another --output (lock file {run_dir / LOCK_NAME})")
+
+
+def refuse_overwrite(run_dir: Path, resume_from: Path | None) -> None:
+    if resume_from is None and complete_checkpoints(run_dir):
+        raise PipelineError(f"{run_dir} already holds checkpoints of an earlier run: pass "
+                            f"--resume auto to continue it, or choose a new --output")
 
 
 def preflight(cfg: Config) -> Path | None:
     """Everything that can be checked before any process trains; returns the checkpoint
-    to resume from (None: a fresh run)."""
-    check_shards(cfg.data.train_shards, "--train-shards", "train")
-    check_shards(cfg.data.val_shards, "--val-shards", "val", need_counts=True)
+    to resume from (None: a fresh run), verified against its COMPLETE record."""
+    for spec, option, split in ((cfg.data.train_shards, "--train-shards", "train"),
+                                (cfg.data.val_shards, "--val-shards", "val")):
+        shards = check_shards(spec, option, split, need_counts=split == "val")
+        check_image_size(shards, spec, option, cfg)
     check_tracker_available(cfg.tracker.tracker)
     run_dir = Path(cfg.train.output)
+    refuse_if_locked(run_dir)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
-    if resume_from is None and complete_checkpoints(run_dir):
-        raise PipelineError(f"{run_dir} already holds checkpoints of an earlier run: pass "
-                            f"--resume auto to continue it, or choose a new --output")
+    refuse_overwrite(run_dir, resume_from)
     if resume_from is not None:
         check_model_matches(resume_from, cfg.model)
     return resume_from
@@ -170,7 +195,7 @@ class WeightEMA:
 
     Buffers are not averaged: an EMA'd VQ codebook would blend a restarted code with the
     dead one it replaced, and BatchNorm statistics belong to the weights that made them.
-    Registered with `accelerator.register_for_checkpointing`, so save_state/load_state carry it.
+    Checkpoints hold `module`'s weights (the `ema` part of `checkpoint_parts`).
     """
 
     def __init__(self, model: nn.Module, decay: float, device: torch.device):
@@ -308,9 +333,34 @@ def load_val_set(cfg: Config, accelerator: Accelerator) -> ValSet:
     loader = make_loader(cfg.data.val_shards, cfg.train.batch_size, mode="eval", num_workers=0,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          max_samples=cfg.data.val_samples)
-    batches = [images for images, _labels, _keys in loader]
-    images = torch.cat(batches) if batches else torch.zeros(0, 3, 64, 64, dtype=torch.uint8)
+
+    def read_images() -> Tensor:
+        m = cfg.model
+        batches = [images for images, _labels, _keys in loader]
+        images = (torch.cat(batches) if batches else
+                  torch.zeros(0, m.in_channels, m.image_size, m.image_size, dtype=torch.uint8))
+        check_batch_shape(images, cfg, "--val-shards")
+        return images
+
+    # One rank that cannot read its share (or finds the wrong size) stops all of them.
+    images = collectively(accelerator, read_images, "reading the validation subset")
     return ValSet(images, mean_image_error(images, cfg, accelerator))
+
+
+def check_batch_shape(images: Tensor, cfg: Config, option: str) -> None:
+    """Images of another size (or channel count) than the model's would train and validate
+    without a word and give an export that claims the wrong size: refuse them."""
+    m = cfg.model
+    expected = (m.in_channels, m.image_size, m.image_size)
+    found = tuple(images.shape[1:])
+    if found != expected:
+        spec = getattr(cfg.data, "train_shards" if option == "--train-shards" else "val_shards")
+        raise PipelineError(f"{option} {spec}: the images are {found[0]}x{found[1]}x"
+                            f"{found[2]} (channels x height x width), but the model is built "
+                            f"for {expected[0]}x{expected[1]}x{expected[2]} "
+                            f"(--model.in_channels, --model.image_size); pass "
+                            f"--model.image_size {found[1]}, or prepare shards of "
+                            f"{m.image_size}px")
 
 
 def mean_image_error(images: Tensor, cfg: Config, accelerator: Accelerator) -> float:
@@ -412,8 +462,6 @@ def prepare_model(cfg: Config, accelerator: Accelerator):
     # forward wrapper or compilation.
     ema = WeightEMA(model, cfg.optim.ema_decay, accelerator.device) if cfg.optim.ema else None
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     return model, optimizer, ema
 
 
@@ -425,7 +473,7 @@ class Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     ema: WeightEMA | None
-    logger: RunLogger
+    logger: RunLogger | None  # set once the checkpoint is loaded
     run_dir: Path
 
     @property
@@ -443,9 +491,20 @@ class Run:
                         weights="ema" if self.ema else "raw", run_dir=str(self.run_dir))
 
     def checkpoint(self, state: TrainerState) -> Path:
-        return save_checkpoint(self.accelerator, self.run_dir, state,
+        return save_checkpoint(self.accelerator, self.run_dir, state, checkpoint_parts(self),
                                lambda folder: self.write_export(folder, state.step),
                                self.cfg.train.keep_last)
+
+
+def checkpoint_parts(run: Run) -> dict[str, Part]:
+    """What a checkpoint's state/ holds besides RNG and the loss scaler, by name: each
+    module's weights (unwrapped) and each optimizer's state (None: not in this run). A
+    discriminator and its optimizer would be one more line of the table."""
+    table: dict[str, Part | None] = {
+        "model": run.module, "optimizer": run.optimizer,
+        "ema": run.ema.module if run.ema is not None else None,
+    }
+    return {name: part for name, part in table.items() if part is not None}
 
 
 def train(cfg: Config, resume_from: Path | None) -> int:
@@ -453,39 +512,79 @@ def train(cfg: Config, resume_from: Path | None) -> int:
     limit_threads()
     with StopSignal() as stop:  # from the start: a signal during setup still checkpoints
         accelerator = make_accelerator(cfg)
+        lock = None
         try:
+            lock = take_run_lock(accelerator, Path(cfg.train.output), resume_from)
             run, state = set_up_run(cfg, accelerator, resume_from)
             return train_loop(run, state, stop)
         finally:
             accelerator.end_training()  # collective: finishes trackers, destroys the group
             release_accelerate_state()
+            if lock is not None:
+                lock.release()  # last: the trackers have finished writing into RUN_DIR
+
+
+def take_run_lock(accelerator: Accelerator, run_dir: Path,
+                  resume_from: Path | None) -> Lock | None:
+    """The main process locks RUN_DIR before anything is written there; every rank learns
+    in one all-reduce whether it got the lock, so all of them stop when it did not. With
+    the lock held, RUN_DIR must still be as preflight saw it (no job finished meanwhile)."""
+    run_dir = Path(run_dir)
+
+    def lock_on_main() -> Lock | None:
+        if not accelerator.is_main_process:
+            return None
+        return acquire(run_dir / LOCK_NAME, f"--output {run_dir}")
+
+    lock = collectively(accelerator, lock_on_main, f"locking --output {run_dir}")
+    try:
+        collectively(accelerator, lambda: refuse_overwrite(run_dir, resume_from),
+                     f"checking --output {run_dir}")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
 
 
 def set_up_run(cfg: Config, accelerator: Accelerator,
                resume_from: Path | None) -> tuple[Run, TrainerState]:
-    """config.yaml, model + optimizer (+ EMA), the checkpoint's state, the tracker run."""
+    """Model + optimizer (+ EMA), the checkpoint's state, config.yaml, the tracker run."""
     run_dir = Path(cfg.train.output)
     set_seed(cfg.train.seed)
     record = run_record(cfg, accelerator, resume_from)
+    model, optimizer, ema = prepare_model(cfg, accelerator)
+    run = Run(cfg, accelerator, model, optimizer, ema, None, run_dir)
+    state = TrainerState()
+    if resume_from is not None:
+        # Every rank reads the same files; one that does not fit stops all of them.
+        state = collectively(accelerator, lambda: restore(run, resume_from),
+                             f"resuming from {resume_from}")
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
     accelerator.wait_for_everyone()
-    model, optimizer, ema = prepare_model(cfg, accelerator)
-    state = TrainerState()
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from / STATE_SUBDIR))
-        state = TrainerState.read(resume_from)
-    logger = RunLogger(accelerator, run_dir, dataclasses.asdict(cfg.tracker), record,
-                       state.wandb_run_id, state.step)
-    state.wandb_run_id = logger.run_id
+    run.logger = RunLogger(accelerator, run_dir, dataclasses.asdict(cfg.tracker), record,
+                           state.wandb_run_id, state.step)
+    state.wandb_run_id = run.logger.run_id
     accelerator.print(
         f"training {cfg.model.model}-{cfg.model.arch} into {run_dir}: "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}, global batch "
         f"{record['run']['global_batch']}, {cfg.train.max_steps} steps"
         + (f"; resuming at step {state.step} from {resume_from}" if resume_from else ""))
-    return Run(cfg, accelerator, model, optimizer, ema, logger, run_dir), state
+    return run, state
+
+
+def restore(run: Run, checkpoint: Path) -> TrainerState:
+    """Weights, optimizer, EMA, scaler and this rank's RNG from a verified checkpoint."""
+    load_checkpoint(run.accelerator, checkpoint, checkpoint_parts(run))
+    saved_world = read_record(checkpoint)["world_size"]
+    if saved_world != run.accelerator.num_processes:
+        run.accelerator.print(
+            f"{checkpoint} was written by {saved_world} process(es), this job has "
+            f"{run.accelerator.num_processes}: random states and loader positions cannot "
+            f"continue exactly (ranks without a saved state keep their seeded one)")
+    return TrainerState.read(checkpoint)
 
 
 def release_accelerate_state() -> None:
@@ -554,8 +653,9 @@ def handle_nonfinite(run: Run, state: TrainerState, verdict: Verdict,
 
 
 def train_metrics(run: Run, state: TrainerState, terms: dict[str, Tensor], lr: float,
-                  grad_norm: Tensor | None, window: Window) -> dict[str, float]:
-    """The step's loss terms averaged over ranks, plus lr, grad norm and throughput."""
+                  grad_norm: Tensor | None, window: Window,
+                  epoch_size: int | None) -> dict[str, float]:
+    """The step's loss terms averaged over ranks, plus lr, grad norm, epoch and throughput."""
     accelerator, cfg = run.accelerator, run.cfg
     names = list(terms)
     values = accelerator.reduce(torch.stack([terms[n].float() for n in names]), "mean").tolist()
@@ -563,11 +663,53 @@ def train_metrics(run: Run, state: TrainerState, terms: dict[str, Tensor], lr: f
     metrics.update({"train/lr": lr, "train/nonfinite_skipped": state.nonfinite_skipped,
                     "train/global_batch": cfg.train.batch_size * cfg.train.grad_accum
                     * accelerator.num_processes})
+    if epoch_size:
+        metrics["train/epoch"] = fractional_epoch(state, cfg, accelerator.num_processes,
+                                                  epoch_size)
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
     metrics.update(window.perf(accelerator.num_processes))
     metrics.update(peak_memory_gb(accelerator.device))
     return metrics
+
+
+def fractional_epoch(state: TrainerState, cfg: Config, world_size: int, epoch_size: int) -> float:
+    """Samples consumed over all ranks / samples per epoch (every rank draws the same
+    number of batches of `batch_size`)."""
+    return state.batches_consumed * cfg.train.batch_size * world_size / epoch_size
+
+
+def make_train_loader(run: Run, state: TrainerState):
+    """The train stream, resumed after the batches this rank already consumed."""
+    cfg, accelerator, t = run.cfg, run.accelerator, run.cfg.train
+    return make_loader(
+        cfg.data.train_shards, t.batch_size, mode="train", num_workers=cfg.data.num_workers,
+        seed=t.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        start_batch=state.batches_consumed, shuffle_buffer=cfg.data.shuffle_buffer,
+        flip=cfg.data.flip, sampling=cfg.data.sampling, interleave=cfg.data.interleave)
+
+
+def epoch_size_of(loader, cfg: Config) -> int | None:
+    """Samples per epoch over all ranks, when known without extra reading: from the
+    manifest, or counted anyway for exact epochs (a resampled stream without a manifest
+    would have to read every shard once just for this number)."""
+    if loader.manifest is None and cfg.data.sampling != "exact":
+        return None
+    return loader.epoch_size
+
+
+def checked_batches(run: Run, batches: Iterator) -> Iterator:
+    """The train stream with its first batch checked against the model's image shape on
+    every rank, agreed in one all-reduce so that all ranks stop together (shards without
+    a manifest state no size; the loader then refuses sizes that differ from the first)."""
+
+    def first_batch():
+        batch = next(batches)
+        check_batch_shape(batch[0], run.cfg, "--train-shards")
+        return batch
+
+    first = collectively(run.accelerator, first_batch, "reading the first training batch")
+    return itertools.chain([first], batches)
 
 
 def evaluate_now(run: Run, val: ValSet, step: int, with_images: bool) -> dict[str, float]:
@@ -594,54 +736,61 @@ def stop_for_preemption(run: Run, state: TrainerState, signum: int | None) -> in
     return EXIT_PREEMPTED
 
 
+def training_step(run: Run, state: TrainerState, batches: Iterator, window: Window,
+                  stop: StopSignal) -> tuple[dict[str, Tensor], float, Tensor | None, Verdict]:
+    """One optimizer step: lr, `grad_accum` forward/backward passes, the agreement across
+    ranks, then clip + step + EMA (or the non-finite policy)."""
+    state.step += 1
+    lr = get_lr(state.step, run.cfg.optim, run.cfg.train.max_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    terms = forward_backward(run, batches, window, state.step)
+    state.batches_consumed += run.cfg.train.grad_accum
+    verdict = agree(run.accelerator, terms, stop_requested=stop.received is not None)
+    grad_norm = None
+    if verdict.nonfinite:
+        handle_nonfinite(run, state, verdict, terms)
+    else:
+        grad_norm = optimizer_step(run)
+    run.optimizer.zero_grad(set_to_none=True)
+    return terms, lr, grad_norm, verdict
+
+
 def train_loop(run: Run, state: TrainerState, stop: StopSignal) -> int:
     cfg, accelerator, t = run.cfg, run.accelerator, run.cfg.train
     if accelerator.is_main_process:
         (run.run_dir / PREEMPTED_NAME).unlink(missing_ok=True)
     val = load_val_set(cfg, accelerator)
+    loader = make_train_loader(run, state)
+    epoch_size = epoch_size_of(loader, cfg)
+    batches = checked_batches(run, iter(loader))
     if state.step == 0:  # the untrained baseline, so curves start somewhere meaningful
         run.logger.log(evaluate_now(run, val, 0, with_images=False), step=0)
-    batches = iter(make_loader(
-        cfg.data.train_shards, t.batch_size, mode="train", num_workers=cfg.data.num_workers,
-        seed=t.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        start_batch=state.batches_consumed, shuffle_buffer=cfg.data.shuffle_buffer,
-        flip=cfg.data.flip))
     window = Window()
-    bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
-    while state.step < t.max_steps:
-        state.step += 1
-        lr = get_lr(state.step, cfg.optim, t.max_steps)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        terms = forward_backward(run, batches, window, state.step)
-        state.batches_consumed += t.grad_accum
-        verdict = agree(accelerator, terms, stop_requested=stop.received is not None)
-        grad_norm = None
-        if verdict.nonfinite:
-            handle_nonfinite(run, state, verdict, terms)
-        else:
-            grad_norm = optimizer_step(run)
-        run.optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
+    # Closed however the loop ends, so that an error message starts on a line of its own.
+    with tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step",
+              disable=not accelerator.is_main_process, dynamic_ncols=True) as bar:
+        while state.step < t.max_steps:
+            terms, lr, grad_norm, verdict = training_step(run, state, batches, window, stop)
+            bar.update(1)
 
-        logging = due(state.step, t.log_every, t.max_steps) or state.step == 1
-        metrics = train_metrics(run, state, terms, lr, grad_norm, window) if logging else {}
-        with window.paused():
-            with_images = due(state.step, t.image_every, t.max_steps)
-            if due(state.step, t.val_every, t.max_steps) or with_images:
-                metrics.update(evaluate_now(run, val, state.step, with_images))
-            if metrics:
-                run.logger.log(metrics, state.step)
-            if verdict.stop and state.step < t.max_steps:
-                bar.close()
-                return stop_for_preemption(run, state, stop.received)
-            if due(state.step, t.ckpt_every, t.max_steps):
-                run.checkpoint(state)
-        if logging:
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}")
-            window = Window()
-    bar.close()
+            logging = due(state.step, t.log_every, t.max_steps) or state.step == 1
+            metrics = (train_metrics(run, state, terms, lr, grad_norm, window, epoch_size)
+                       if logging else {})
+            with window.paused():
+                with_images = due(state.step, t.image_every, t.max_steps)
+                if due(state.step, t.val_every, t.max_steps) or with_images:
+                    metrics.update(evaluate_now(run, val, state.step, with_images))
+                if metrics:
+                    run.logger.log(metrics, state.step)
+                if verdict.stop and state.step < t.max_steps:
+                    bar.close()
+                    return stop_for_preemption(run, state, stop.received)
+                if due(state.step, t.ckpt_every, t.max_steps):
+                    run.checkpoint(state)
+            if logging:
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}")
+                window = Window()
     return 0
 
 

@@ -1,10 +1,16 @@
-"""Config: presets, dotted overrides, coercion and validation with actionable messages."""
+"""Config: presets, dotted overrides, coercion, and validation of every field against its
+declared range (generically, over generated values) with actionable messages."""
 import argparse
+import math
+import typing
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline.config import (Config, ModelConfig, add_config_arguments, build_config, from_dict,
-                             list_presets, to_yaml, validate)
+from pipeline.config import (Bounds, Config, ModelConfig, Rule, add_config_arguments,
+                             build_config, config_fields, element_type, from_dict, list_presets,
+                             to_yaml, undeclared_fields, unwrap_optional, validate)
 from pipeline.utils import PipelineError
 
 
@@ -43,7 +49,8 @@ def test_unknown_field_lists_valid_ones():
     ({"model": {"arch": "resnet", "downsample": 3}}, "does not fit 64px"),
     ({"model": {"arch": "resnet", "downsample": 8, "channel_mult": [1, 2]}}, "needs 4"),
     ({"model": {"latent_channels": 64}}, "basic AE's latent is its last encoder width"),
-    ({"train": {"mixed_precision": "fp8"}}, "choose no, bf16 or fp16"),
+    ({"train": {"mixed_precision": "fp8"}},
+     "unknown --mixed-precision 'fp8'; choose one of no, bf16, fp16"),
     ({"train": {"max_steps": 0}}, "max_steps must be >= 1"),
 ])
 def test_bad_configs_are_refused_with_a_hint(override, message):
@@ -77,3 +84,137 @@ def test_every_config_option_has_help_text():
     assert len(options) > 50
     for action in options:
         assert not action.help.startswith("(default"), f"{action.dest} has no help text"
+
+
+# ---------------------------------------------------------------- declared ranges, generically
+
+CONTROL = [chr(c) for c in range(32)] + ["\x7f"]
+
+
+def below(bounds: Bounds, integer: bool):
+    if integer:
+        return st.integers(max_value=int(bounds.low) - (0 if bounds.low_open else 1))
+    if bounds.low == -math.inf:
+        return st.just(-math.inf) if bounds.low_open else st.nothing()
+    return st.floats(max_value=bounds.low, exclude_max=not bounds.low_open)
+
+
+def above(bounds: Bounds, integer: bool):
+    if bounds.high == math.inf:
+        return st.just(math.inf) if bounds.high_open and not integer else st.nothing()
+    if integer:
+        return st.integers(min_value=int(bounds.high) + (0 if bounds.high_open else 1))
+    return st.floats(min_value=bounds.high, exclude_min=not bounds.high_open)
+
+
+def bad_scalars(hint, rule: Rule):
+    """Values of one scalar (a field, or an element of a list field) outside its rule."""
+    if hint is bool:
+        return st.sampled_from(["maybe", "2", 2, -1, 0.5, "", "nope"])
+    if hint in (int, float):
+        integer = hint is int
+        options = [st.floats(allow_nan=True).filter(lambda v: not float(v).is_integer())
+                   if integer else st.just(math.nan), st.just("many")]
+        if rule.bounds is not None:
+            options += [below(rule.bounds, integer), above(rule.bounds, integer)]
+        if rule.choices is not None:
+            options.append(st.integers().filter(lambda v: v not in rule.choices))
+        return st.one_of(options)
+    options = [st.tuples(st.text(max_size=5), st.sampled_from(CONTROL), st.text(max_size=5))
+               .map("".join)]
+    if rule.nonempty:
+        options.append(st.just(""))
+    if rule.choices is not None:
+        options.append(st.text(max_size=12).filter(lambda v: v not in rule.choices))
+    return st.one_of(options)
+
+
+def good_scalars(hint, rule: Rule):
+    """Values of one scalar inside its rule (to surround a bad element with)."""
+    if rule.choices is not None:
+        return st.sampled_from(rule.choices)
+    if hint is str:
+        return st.text(alphabet="abc", min_size=1, max_size=3)
+    bounds = rule.bounds
+    low = bounds.low if bounds.low != -math.inf else -1e6
+    high = bounds.high if bounds.high != math.inf else 1e6
+    if hint is int:
+        return st.integers(int(low) + bounds.low_open, int(high) - bounds.high_open)
+    return st.floats(low, high, exclude_min=bounds.low_open, exclude_max=bounds.high_open)
+
+
+def out_of_range(hint, rule: Rule):
+    """Every kind of value a field must refuse, from its declared rule and its type."""
+    inner, optional = unwrap_optional(hint)
+    options = [] if optional else [st.just(None)]
+    container = typing.get_origin(inner)
+    if container not in (list, tuple):
+        bad = bad_scalars(inner, rule)
+        return st.one_of(*options, bad, bad.filter(lambda v: isinstance(v, (int, float)))
+                         .map(str))  # as typed on the command line
+    elem = element_type(inner)
+    elem_rule = Rule(rule.bounds, rule.choices, nonempty=elem is str)
+    good, bad = good_scalars(elem, elem_rule), bad_scalars(elem, elem_rule)
+    length = len(typing.get_args(inner)) if container is tuple else None
+    valid = st.lists(good, min_size=length or 1, max_size=length or 4)
+    # One bad value among valid ones: in place of one (a tuple keeps its length) or added.
+    options.append(st.tuples(valid, bad, st.integers(0, 3)).map(
+        lambda t: [*t[0][:t[2] % length], t[1], *t[0][t[2] % length + 1:]] if length else
+        [*t[0][:t[2]], t[1], *t[0][t[2]:]]))
+    if rule.nonempty:
+        options.append(st.just([]))
+    if length:
+        options.append(st.lists(good, max_size=5).filter(lambda v: len(v) != length))
+    return st.one_of(options)
+
+
+FIELDS = [(dotted, f, hint) for dotted, f, hint in config_fields()]
+
+
+def test_every_field_declares_its_range():
+    assert undeclared_fields() == []
+    for dotted, f, hint in FIELDS:
+        assert isinstance(f.metadata["rule"], Rule), dotted
+
+
+@pytest.mark.parametrize("dotted, field, hint", FIELDS, ids=[d for d, _, _ in FIELDS])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_every_field_refuses_values_outside_its_declared_range(dotted, field, hint, data):
+    """For every field of every section (a new one included, untouched here): a value
+    generated outside what it declares is refused by build_config, naming the option."""
+    value = data.draw(out_of_range(hint, field.metadata["rule"]), label=dotted)
+    section, name = dotted.split(".")
+    with pytest.raises(PipelineError) as error:
+        build_config(None, argparse.Namespace(), defaults={section: {name: value}})
+    assert f"--{dotted}" in str(error.value), str(error.value)
+
+
+def test_declared_ranges_accept_the_defaults_and_every_preset():
+    validate(Config())
+    for preset in list_presets():
+        build_config(preset, parse([]))
+
+
+@pytest.mark.parametrize("text, inside, outside", [
+    ("[0, 1)", [0, 0.5, 0.999], [-0.001, 1, math.nan, math.inf]),
+    ("(0, inf)", [1e-300, 5, 1e300], [0, -1, math.inf, math.nan]),
+    ("[1, inf)", [1, 10**30], [0, 0.999, -math.inf]),
+    ("(-inf, inf)", [-1e300, 0, 1e300], [math.inf, -math.inf, math.nan]),
+])
+def test_bounds_open_and_closed_ends(text, inside, outside):
+    bounds = Bounds.parse(text)
+    assert all(v in bounds for v in inside)
+    assert not any(v in bounds for v in outside)
+
+
+def test_range_messages_name_option_alias_and_range():
+    args = parse(["--max-steps", "0"], aliases={"--max-steps": "train.max_steps"})
+    with pytest.raises(PipelineError, match=r"^--train\.max_steps must be >= 1, got 0 "
+                                            r"\(alias --max-steps\)$"):
+        build_config(None, args, aliases={"--max-steps": "train.max_steps"})
+    with pytest.raises(PipelineError, match=r"--optim\.betas needs exactly 2 values, got 3"):
+        build_config(None, parse(["--optim.betas", "0.1 0.2 0.3"]))
+    with pytest.raises(PipelineError, match=r"--model\.logvar_clamp \[5\.0, 1\.0\]: the minimum "
+                                            r"must be below the maximum"):
+        validate(from_dict(Config, {"model": {"logvar_clamp": [5, 1]}}))

@@ -130,8 +130,9 @@ def test_checkpoints_pruned_and_exported(trained):
     last = checkpoints / "step-60"
     assert {p.name for p in last.iterdir()} == {COMPLETE_MARKER, "config.json",
                                                 "model.safetensors", "state", "trainer.json"}
-    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {
-        p.name for p in (last / "state").iterdir()}
+    assert {p.name for p in (last / "state").iterdir()} == {
+        "model.safetensors", "optimizer.safetensors", "optimizer.json", "accelerator.json",
+        "rng-0.safetensors", "rng-0.json"}  # no pickle: safetensors and JSON only
     trainer = json.loads((last / "trainer.json").read_text())
     assert trainer["step"] == 60 and trainer["batches_consumed"] == 60
     exported = json.loads((run / "model" / "config.json").read_text())
@@ -321,7 +322,8 @@ def test_stop_flag_agreed_at_next_step(synthetic_shards, tmp_path, monkeypatch):
     (["--train-shards", "/nonexistent/train"], r"train shards not found: /nonexistent/train.*"
                                                 r"pipeline prepare"),
     (["--val-shards", ""], r"--val-shards is required"),
-    (["--tracker", "mlflow"], r"--tracker 'mlflow': choose wandb, tensorboard or none"),
+    (["--tracker", "mlflow"], r"unknown --tracker 'mlflow'; choose one of wandb, tensorboard, "
+                              r"none"),
 ])
 def test_bad_config_fails_before_training(synthetic_shards, tmp_path, override, message):
     run = tmp_path / "run"
@@ -410,23 +412,56 @@ def test_bench_train_json(capsys):
 
 # ---------------------------------------------------------------- distributed
 
-def test_two_processes_with_torchrun(synthetic_shards, tmp_path):
-    """DDP over gloo: both ranks train, agree, checkpoint, and the global batch doubles."""
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "pipeline.train",
-               *args_for(synthetic_shards, run, "vqvae", 4, "--log-every", "2")]
+def torchrun_command(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(port + os.getpid() % 1000), "-m", "pipeline.train", *args]
+
+
+DDP_OPTIONS = ("--log-every", "2", "--ema", "true", "--ckpt-every", "2", "--keep-last", "5")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(synthetic_shards, tmp_path_factory):
+    """A VQ-VAE with weight EMA trained for 4 steps by 2 processes (checkpoints 2 and 4)."""
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    command = torchrun_command(29500, *args_for(synthetic_shards, run, "vqvae", 4, *DDP_OPTIONS))
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_two_processes_with_torchrun(two_process_run):
+    """DDP over gloo: both ranks train, agree, checkpoint, and the global batch doubles."""
+    run = two_process_run
     record = yaml.safe_load((run / "config.yaml").read_text())
     assert record["run"]["world_size"] == 2 and record["run"]["global_batch"] == 32
     history = read_history(run)
     assert [h["step"] for h in history] == [0, 1, 2, 4]  # one writer: no duplicated lines
     assert history[-1]["train/global_batch"] == 32
     state = run / "checkpoints" / "step-4" / "state"
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}
+    assert {"rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors"} <= {
+        p.name for p in state.iterdir()}
     assert (run / "checkpoints" / "step-4" / COMPLETE_MARKER).is_file()
+
+
+def test_resume_under_torchrun_is_exact(two_process_run, synthetic_shards, tmp_path):
+    """2 processes resumed from step 2 reproduce steps 3 and 4 bit for bit: each rank's
+    RNG state, the loader position, the EMA, the codebook."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two_process_run / "checkpoints" / "step-2",
+                    resumed / "checkpoints" / "step-2")
+    command = torchrun_command(33500, *args_for(synthetic_shards, resumed, "vqvae", 4,
+                                                *DDP_OPTIONS, "--resume", "auto"))
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(two_process_run / "model" / "model.safetensors")
+    b = load_file(resumed / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    whole, again = read_history(two_process_run)[-1], read_history(resumed)[-1]
+    assert again["step"] == 4 and again["train/loss"] == whole["train/loss"]
+    assert again["train/epoch"] == whole["train/epoch"] == 4 * 16 * 2 / 600
 
 
 def child_pids(pid: int) -> list[int]:
@@ -469,7 +504,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(synthetic_shards, tmp_pa
     stopped = json.loads((run / train.PREEMPTED_NAME).read_text())
     checkpoint = latest_checkpoint(run)
     assert checkpoint.name == f"step-{stopped['step']}"
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
+    assert {"rng-0.json", "rng-0.safetensors", "rng-1.json", "rng-1.safetensors"} <= {
         p.name for p in (checkpoint / "state").iterdir()}
     assert read_history(run)[-1]["step"] == stopped["step"]
 
