@@ -8,13 +8,17 @@ no gradient sync, and a wrapped forward would add collectives per batch.
 
 Writes `DIR/<run>-step<N>/` per checkpoint: `metrics.json` plus image strips of the first
 16 val images in manifest order (see docs/interfaces.md "Evaluation output"), so the report
-stage needs no model.
+stage needs no model. `<run>` and `<N>` come from the checkpoint's config.json, which is
+data: the run name is reduced to one safe path component and the step must be an integer
+>= 0, so no crafted config can write (or replace a directory) outside DIR. The main process
+holds `DIR/.lock` for the whole run: a second evaluate into the same DIR is refused.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from . import metrics
+from .locking import Lock, acquire
 from .shards import manifest_hash, manifest_path
 from .utils import PipelineError, atomic_dir, atomic_write_json, dumps_json, provenance
 
@@ -36,6 +41,11 @@ ERROR_MAP_CMAP = "magma"
 ERROR_MAP_MAX = 0.1           # mean |error| over RGB (pixels in [0, 1]) at full colour (~20 dB)
 PRIOR_SEED = 0                # VAE prior samples: same noise for every checkpoint
 DEFAULT_VAE_SIGMA = 0.05      # decoder std of the VAE likelihood, in [0, 1] pixel units
+LOCK_NAME = ".lock"           # DIR/.lock, held by the main process while it evaluates into DIR
+MAX_STEP = 2 ** 63 - 1        # a step is an int64 counter
+# Run names become directory names: letters and digits (any script), `_`, `.`, `+`, `-`.
+UNSAFE_NAME_CHARS = re.compile(r"[^\w.+-]+")
+MAX_RUN_NAME_BYTES = 100      # with "-step<N>" and atomic_dir's ".tmp-..." well under NAME_MAX
 
 
 # ---------------------------------------------------------------- command line
@@ -87,16 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Inclusive ranges of the integer options (None: no upper bound).
+INT_RANGES = {"batch_size": (1, 65536), "num_workers": (0, 256), "max_samples": (1, None),
+              "worst_k": (1, 10000), "throughput_batches": (1, 10000)}
+# W&B refuses these in project names.
+WANDB_PROJECT_CHARS = re.compile(r"[^/\\#?%:]{1,128}")
+
+
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "worst_k", "throughput_batches"):
-        if getattr(args, name) < 1:
-            raise PipelineError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_workers < 0:
-        raise PipelineError("--num-workers must be >= 0")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise PipelineError("--max-samples must be >= 1")
-    if args.vae_sigma <= 0:
-        raise PipelineError("--vae-sigma must be > 0")
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(args, name)
+        if value is None:  # only --max-samples may be absent
+            continue
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise PipelineError(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
+    # `not 0 < x <= 1` is also true for NaN, which every comparison fails.
+    if not 0 < args.vae_sigma <= 1:
+        raise PipelineError(f"--vae-sigma must be in (0, 1] (a std in [0, 1] pixel units), "
+                            f"got {args.vae_sigma}")
+    if not WANDB_PROJECT_CHARS.fullmatch(args.project):
+        raise PipelineError(f"--project {args.project!r}: 1 to 128 characters, none of "
+                            f"/ \\ # ? % : (W&B refuses them)")
+    if args.run_name is not None and not args.run_name.strip():
+        raise PipelineError("--run-name must not be empty (leave it out for the default)")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise PipelineError(f"--output {output}: exists and is not a directory")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -106,15 +133,44 @@ class Checkpoint:
     path: Path
     model: torch.nn.Module
     export: dict[str, Any]     # read_export_config(): model, config, step, run_dir, run_name...
+    run: str                   # as recorded; checkpoint_identity() ensures a safe name exists
+    step: int
 
     @property
     def name(self) -> str:
-        return f"{self.run}-step{self.export['step']}"
+        """The output directory's name: always one safe path component."""
+        return f"{safe_component(self.run)}-step{self.step}"
 
-    @property
-    def run(self) -> str:
-        run_dir = self.export.get("run_dir")
-        return self.export.get("run_name") or (Path(run_dir).name if run_dir else self.path.name)
+
+def safe_component(text: str) -> str:
+    """`text` as one harmless path component, readable names unchanged (`vae-basic`).
+
+    Runs of other characters than letters, digits and `_.+-` (path separators, spaces,
+    control characters) become `_`; leading and trailing `._-` go, so the result is never
+    `.` or `..`, never hidden like atomic_dir's temporaries, never read as an option; it is
+    cut to MAX_RUN_NAME_BYTES of UTF-8. May be empty: the caller picks a fallback.
+    """
+    cleaned = UNSAFE_NAME_CHARS.sub("_", text).strip("._-")
+    cut = cleaned.encode("utf-8")[:MAX_RUN_NAME_BYTES].decode("utf-8", "ignore")
+    return cut.rstrip("._-")
+
+
+def checkpoint_identity(path: Path, export: dict[str, Any]) -> tuple[str, int]:
+    """(run, step) from an export's config.json, checked: these values name the output."""
+    where = path / "config.json"
+    step = export.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise PipelineError(f"{where}: 'step' must be an integer >= 0, got {step!r}; "
+                            f"re-export the model")
+    for key in ("run_name", "run_dir"):
+        if export.get(key) is not None and not isinstance(export[key], str):
+            raise PipelineError(f"{where}: {key!r} must be a string or null, got "
+                                f"{export[key]!r}; re-export the model")
+    run_dir = export.get("run_dir")
+    candidates = (export.get("run_name"), Path(run_dir).name if run_dir else None,
+                  path.resolve().name)
+    run = next((c for c in candidates if c and safe_component(c)), "checkpoint")
+    return run, step
 
 
 def load_checkpoints(paths: list[str]) -> list[Checkpoint]:
@@ -128,7 +184,9 @@ def load_checkpoints(paths: list[str]) -> list[Checkpoint]:
             raise PipelineError(f"checkpoint {arg}: no such directory (pass an export "
                                 f"directory RUN_DIR/model or RUN_DIR/checkpoints/step-<N>)")
         try:
-            loaded.append(Checkpoint(path, from_pretrained(path).eval(), read_export_config(path)))
+            export = read_export_config(path)
+            run, step = checkpoint_identity(path, export)
+            loaded.append(Checkpoint(path, from_pretrained(path).eval(), export, run, step))
         except PipelineError as e:
             raise PipelineError(f"checkpoint {arg}: {e}") from e
     names = [c.name for c in loaded]
@@ -146,6 +204,21 @@ def check_resolution(manifest: dict[str, Any], shards: str, ckpt: Checkpoint) ->
         raise PipelineError(f"shards {manifest_path(shards)} hold {found}x{found} images but "
                             f"checkpoint {ckpt.path} was trained on {expected}x{expected}: "
                             f"evaluate on shards prepared at {expected} px")
+    if found < metrics.MS_SSIM_MIN_SIZE:
+        raise PipelineError(f"shards {manifest_path(shards)} hold {found}x{found} images: "
+                            f"3-scale MS-SSIM needs at least {metrics.MS_SSIM_MIN_SIZE} px")
+
+
+def checkpoint_dir(output: str | Path, name: str) -> Path:
+    """DIR/<name>, refused when it would lead out of DIR (a link already there)."""
+    root = Path(output).resolve()
+    out_dir = Path(output) / name
+    # `name` is one safe component, so only a symlink at DIR/<name> can escape; atomic_dir
+    # would rename the link itself and leave its target alone, but nothing good follows.
+    if out_dir.is_symlink() or out_dir.resolve().parent != root or out_dir.name != name:
+        raise PipelineError(f"{out_dir} is a link or leads out of --output {output}: remove "
+                            f"it or choose another --output")
+    return out_dir
 
 
 # ---------------------------------------------------------------- the metric pass
@@ -277,8 +350,17 @@ def per_class_psnr(sums: Tensor, counts: Tensor, classes: list[str]) -> dict[str
     return {wnid: (sums[i] / counts[i]).item() for i, wnid in enumerate(classes) if counts[i] > 0}
 
 
+def scale_sizes(cfg) -> list[int]:
+    """Image side at each MS-SSIM scale (halving rounds up, as the pooling does)."""
+    sides = [cfg.image_size]
+    while len(sides) < len(metrics.MS_SSIM_BETAS):
+        sides.append(math.ceil(sides[-1] / 2))
+    return sides
+
+
 def settings(args: argparse.Namespace, ckpt: Checkpoint) -> dict[str, str]:
     """How each metric was computed, written into metrics.json for the reader."""
+    cfg = ckpt.model.config
     betas = ", ".join(f"{b:.4f}" for b in metrics.MS_SSIM_BETAS)
     return {
         "pixels": "images mapped to [0, 1]: originals x/255, reconstructions (recon+1)/2 "
@@ -286,11 +368,20 @@ def settings(args: argparse.Namespace, ckpt: Checkpoint) -> dict[str, str]:
         "psnr": f"mean over images of 10*log10(1/MSE_image), each capped at "
                 f"{metrics.PSNR_CAP_DB:g} dB; psnr_of_mean_mse = 10*log10(1/mean MSE)",
         "mse_l1": "mean over images of the per-image mean over pixels and channels",
-        "ssim": f"torchmetrics SSIM, Gaussian window {metrics.SSIM_KERNEL} px, sigma "
-                f"{metrics.SSIM_SIGMA}, data range 1, mean over images",
-        "ms_ssim": f"torchmetrics MS-SSIM with 3 scales (64, 32, 16 px), Gaussian window "
-                   f"{metrics.SSIM_KERNEL} px, sigma {metrics.SSIM_SIGMA}, betas ({betas}) = "
-                   f"the first three standard weights renormalised, relu normalisation",
+        "ssim_convention": metrics.SSIM_CONVENTION,
+        "ssim": f"pipeline.metrics' own SSIM (independent of the torchmetrics version), equal "
+                f"per image to skimage's structural_similarity(gaussian_weights=True, "
+                f"sigma={metrics.SSIM_SIGMA}, use_sample_covariance=False, data_range=1, "
+                f"channel_axis=...): {metrics.SSIM_KERNEL}-tap Gaussian window, population "
+                f"(co)variances, K1 {metrics.SSIM_K1}, K2 {metrics.SSIM_K2}, valid region only "
+                f"(the {metrics.SSIM_KERNEL // 2}-px border of the SSIM map left out), mean "
+                f"over the map, then over RGB, then over images",
+        "ms_ssim": f"pipeline.metrics' own MS-SSIM (same window and valid-region convention "
+                   f"as ssim), 3 scales ({', '.join(f'{s} px' for s in scale_sizes(cfg))}) "
+                   f"by 2x2 average pooling, betas ({betas}) = the first three standard "
+                   f"weights renormalised; per channel as pytorch_msssim: relu'd "
+                   f"contrast-structure at the first two scales, relu'd SSIM at the last, "
+                   f"each to its beta, multiplied; then the mean over RGB and over images",
         "vae": f"kl: KL(q(z|x) || N(0, I)) in nats per image, mean over images; decoder "
                f"likelihood: discretised Gaussian, sigma {args.vae_sigma} in [0, 1] units, "
                f"256 bins per value, evaluated at the decoded posterior mean (the model "
@@ -415,8 +506,8 @@ def evaluate_checkpoint(ckpt: Checkpoint, manifest: dict[str, Any], fixed: tuple
     """Metrics of one checkpoint; the main process writes its directory and returns them."""
     ckpt.model.to(accelerator.device)
     totals, worst, rfid = run_pass(ckpt, manifest, args, accelerator, lpips, fid)
-    result = None
-    if accelerator.is_main_process:
+
+    def summarize_and_write() -> dict[str, Any]:
         result = summarize(ckpt, totals, worst, rfid, manifest["classes"], lpips is not None)
         fixed_images, fixed_keys = fixed
         code_counts = totals["code_counts"] if ckpt.model.config.model == "vqvae" else None
@@ -424,9 +515,34 @@ def evaluate_checkpoint(ckpt: Checkpoint, manifest: dict[str, Any], fixed: tuple
         result.update(measure_throughput(ckpt.model, fixed_images, accelerator.device,
                                          args.batch_size, args.throughput_batches))
         result = metrics_record(ckpt, result, manifest, fixed_keys, files, args, accelerator)
-        write_checkpoint_dir(Path(args.output) / ckpt.name, result, files)
+        write_checkpoint_dir(checkpoint_dir(args.output, ckpt.name), result, files)
         warn_if_incomplete(result)
+        return result
+
+    result = on_main_process(accelerator, summarize_and_write, f"writing {ckpt.name}")
     ckpt.model.to("cpu")  # free accelerator memory for the next checkpoint
+    return result
+
+
+def on_main_process(accelerator, fn, what: str):
+    """fn() on the main process only; every process learns whether it failed.
+
+    Without this, a failure of the main process alone (a full disk, a held lock) would
+    leave the others waiting for it at the next collective until the launcher kills them.
+    Every process must call it, in the same order.
+    """
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the others were told
+            error = e
+    flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    failed = accelerator.reduce(flag, reduction="sum").item() > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise PipelineError(f"the main process failed while {what} (its error is above)")
     return result
 
 
@@ -438,7 +554,7 @@ def metrics_record(ckpt: Checkpoint, result: dict[str, Any], manifest: dict[str,
     names = ("originals", "reconstructions", "error_maps", "prior_samples", "code_usage")
     return {
         "name": ckpt.name, "run": ckpt.run, "run_dir": ckpt.export.get("run_dir"),
-        "checkpoint": str(ckpt.path.resolve()), "step": ckpt.export["step"],
+        "checkpoint": str(ckpt.path.resolve()), "step": ckpt.step,
         "weights": ckpt.export.get("weights"), "model": cfg.model, "arch": cfg.arch,
         "quantizer": cfg.quantizer if cfg.model == "vqvae" else None,
         "config": ckpt.export["config"],
@@ -534,17 +650,40 @@ def main(argv: list[str] | None = None) -> int:
     # Without cpu=True, Accelerate ignores torchrun's WORLD_SIZE on a machine without CUDA
     # and every process would evaluate every sample alone (DistributedType.NO).
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    lpips, fid = load_optional_metrics(args, accelerator.device)
-    fixed = load_fixed_images(args.shards) if accelerator.is_main_process else None
-    records = [evaluate_checkpoint(ckpt, manifest, fixed, args, accelerator, lpips, fid)
-               for ckpt in checkpoints]
-    if accelerator.is_main_process:
-        print_table(records)
-        if args.tracker == "wandb":
-            log_to_wandb(records, args)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    lock = on_main_process(accelerator, lambda: lock_output(args, checkpoints),
+                           f"locking --output {args.output}")
+    try:
+        lpips, fid = load_optional_metrics(args, accelerator.device)
+        fixed = on_main_process(accelerator, lambda: load_fixed_images(args.shards),
+                                "reading the fixed images")
+        records = [evaluate_checkpoint(ckpt, manifest, fixed, args, accelerator, lpips, fid)
+                   for ckpt in checkpoints]
+        on_main_process(accelerator, lambda: summarize_run(records, args), "logging the results")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def summarize_run(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print_table(records)
+    if args.tracker == "wandb":
+        log_to_wandb(records, args)
+
+
+def lock_output(args: argparse.Namespace, checkpoints: list[Checkpoint]) -> Lock:
+    """Take DIR/.lock (the first thing written into DIR) and check every checkpoint's
+    directory stays inside DIR, before any pass runs."""
+    lock = acquire(Path(args.output) / LOCK_NAME, f"--output {args.output}")
+    try:
+        for ckpt in checkpoints:
+            checkpoint_dir(args.output, ckpt.name)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 if __name__ == "__main__":

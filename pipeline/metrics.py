@@ -1,25 +1,29 @@
 """Image-quality and bottleneck metrics for `pipeline evaluate`.
 
-Per-image metrics come from torchmetrics wherever it has one, with settings that are
-valid at 64x64; this module adds what the library leaves to the caller: the PSNR cap,
-the bottleneck's bit budget, code usage, the VAE's discretised likelihood, and loading
-LPIPS / Inception weights from local files only (nothing here ever downloads).
+PSNR comes from torchmetrics. SSIM and MS-SSIM are computed here, in a few lines of
+batched torch, because torchmetrics changed their convention in 1.5 (it now averages the
+whole reflect-padded SSIM map; 1.4 cropped its border as skimage and Wang et al.'s code do),
+which at 64x64 moves SSIM by up to 0.027 and MS-SSIM by up to 0.09: the project's values
+must not depend on the installed library version. They follow skimage's convention (see
+`per_image_ssim`), the one published tokenizer tables use. This module also adds what the
+libraries leave to the caller: the PSNR cap, the bottleneck's bit budget, code usage, the
+VAE's discretised likelihood, and loading LPIPS / Inception weights from local files only
+(nothing here ever downloads, nothing here unpickles: tensors only, `weights_only=True`).
 
 All image arguments are float tensors B x 3 x H x W with values in [0, 1].
 """
 from __future__ import annotations
 
+import io
 import math
+import pickle
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.image import (
-    multiscale_structural_similarity_index_measure,
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .utils import PipelineError
 
@@ -28,11 +32,17 @@ PSNR_CAP_DB = 100.0
 
 SSIM_KERNEL = 11
 SSIM_SIGMA = 1.5
-# torchmetrics' default MS-SSIM uses five scales and refuses images under 160 px. At 64 px
-# three scales (64, 32, 16 px) keep the standard 11-px Gaussian window inside the smallest
-# scale; the first three standard weights (Wang et al. 2003) are renormalised to sum to 1.
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004: C1 = (K1 * range)^2, C2 = (K2 * range)^2
+# The standard MS-SSIM uses five scales and needs images over 160 px. At 64 px three scales
+# (64, 32, 16 px) keep the 11-px Gaussian window inside the smallest scale; the first
+# three standard weights (Wang et al. 2003) are renormalised to sum to 1.
 _STANDARD_BETAS = (0.0448, 0.2856, 0.3001)
 MS_SSIM_BETAS = tuple(b / sum(_STANDARD_BETAS) for b in _STANDARD_BETAS)
+# Smallest side for which every scale still holds one whole window (halving rounds up).
+MS_SSIM_MIN_SIZE = (SSIM_KERNEL - 1) * 2 ** (len(MS_SSIM_BETAS) - 1) + 1
+# Written into metrics.json so that values computed under another convention (e.g. by an
+# older version of this project, which used torchmetrics) are recognised as such.
+SSIM_CONVENTION = "skimage-valid/v1"
 
 # LPIPS backbones: torchvision constructor and the channel count of each compared layer.
 LPIPS_NETS = {"alex": ("alexnet", (64, 192, 384, 256, 256)),
@@ -67,15 +77,80 @@ def psnr_from_mse(mse: float) -> float:
 
 
 def per_image_ssim(pred: Tensor, target: Tensor) -> Tensor:
-    return structural_similarity_index_measure(
-        pred, target, gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL,
-        data_range=1.0, reduction="none")
+    """SSIM of each image (B,), as skimage's `structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=...)` computes it.
+
+    That is: 11-tap Gaussian window (sigma 1.5), population (co)variances, the SSIM map
+    only where the whole window lies inside the image (skimage crops the 5-px border),
+    its mean per channel, then the mean over channels.
+    """
+    _check_images(pred, target, SSIM_KERNEL)
+    ssim, _ = _ssim_per_channel(pred.double(), target.double())
+    return ssim.mean(1).to(pred.dtype)
 
 
 def per_image_ms_ssim(pred: Tensor, target: Tensor) -> Tensor:
-    return multiscale_structural_similarity_index_measure(
-        pred, target, gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL,
-        data_range=1.0, betas=MS_SSIM_BETAS, reduction="none")
+    """MS-SSIM of each image (B,) over 3 scales (64, 32, 16 px at 64 px) with
+    MS_SSIM_BETAS, per channel as pytorch_msssim computes it.
+
+    At each scale but the last, the mean contrast-structure term (relu'd) of each channel;
+    at the last, its SSIM (relu'd); each raised to its scale's weight, multiplied over the
+    scales, then averaged over channels. Scales are 2x2 average pools (odd sides padded,
+    as pytorch_msssim does). Every scale uses the valid region only, as `per_image_ssim`.
+    """
+    _check_images(pred, target, MS_SSIM_MIN_SIZE)
+    x, y = pred.double(), target.double()
+    factors = []
+    for scale, beta in enumerate(MS_SSIM_BETAS):
+        ssim, contrast_structure = _ssim_per_channel(x, y)
+        last = scale == len(MS_SSIM_BETAS) - 1
+        factors.append((ssim if last else contrast_structure).relu() ** beta)
+        if not last:
+            x, y = _halve(x), _halve(y)
+    return torch.stack(factors).prod(0).mean(1).to(pred.dtype)
+
+
+def _check_images(pred: Tensor, target: Tensor, min_size: int) -> None:
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise ValueError(f"expected two B x C x H x W batches of one shape, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    if min(pred.shape[-2:]) < min_size:
+        raise ValueError(f"images of {pred.shape[-2]}x{pred.shape[-1]} px are too small: "
+                         f"this metric needs at least {min_size} px a side")
+
+
+def _ssim_per_channel(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean SSIM map, mean contrast-structure map), each B x C, over the valid region.
+
+    Always in float64: the variances are differences of local moments (E[x^2] - E[x]^2),
+    which lose digits to cancellation in float32 (SSIM off by about 1e-5); at these sizes
+    the convolutions cost little either way.
+    """
+    channels = x.shape[1]
+    moments = _local_means(torch.cat([x, y, x * x, y * y, x * y], dim=1))
+    mean_x, mean_y, mean_xx, mean_yy, mean_xy = moments.split(channels, dim=1)
+    var_x, var_y = mean_xx - mean_x ** 2, mean_yy - mean_y ** 2
+    cov = mean_xy - mean_x * mean_y
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2  # data range 1
+    contrast_structure = (2 * cov + c2) / (var_x + var_y + c2)
+    luminance = (2 * mean_x * mean_y + c1) / (mean_x ** 2 + mean_y ** 2 + c1)
+    return ((luminance * contrast_structure).flatten(2).mean(2),
+            contrast_structure.flatten(2).mean(2))
+
+
+def _local_means(images: Tensor) -> Tensor:
+    """Gaussian-weighted mean of each channel around every pixel whose whole window lies
+    inside the image: a separable valid convolution, no padding."""
+    offsets = torch.arange(SSIM_KERNEL, dtype=images.dtype, device=images.device)
+    weights = torch.exp(-(offsets - SSIM_KERNEL // 2) ** 2 / (2 * SSIM_SIGMA ** 2))
+    channels = images.shape[1]
+    rows = (weights / weights.sum()).view(1, 1, SSIM_KERNEL, 1).repeat(channels, 1, 1, 1)
+    blurred = F.conv2d(images, rows, groups=channels)
+    return F.conv2d(blurred, rows.transpose(2, 3), groups=channels)
+
+
+def _halve(images: Tensor) -> Tensor:
+    return F.avg_pool2d(images, kernel_size=2, padding=[s % 2 for s in images.shape[-2:]])
 
 
 # ---------------------------------------------------------------- bottleneck
@@ -179,9 +254,15 @@ def _read_state_dict(path: str | Path, option: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise PipelineError(f"{option} {path}: no such file")
     try:
+        # weights_only: tensors and plain containers only, so a crafted pickle cannot run code.
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # damaged, or refused by weights_only
+        raise PipelineError(f"{option} {path}: not a readable torch state dict of tensors "
+                            f"(damaged, or holding other objects, which are never loaded: "
+                            f"unpickling them could run code)") from e
     except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise PipelineError(f"{option} {path}: not a readable torch state dict ({e})") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"{option} {path}: not a readable torch state dict ({reason})") from e
     if not isinstance(state, dict):
         raise PipelineError(f"{option} {path}: expected a state dict, got {type(state).__name__}")
     return state
@@ -225,6 +306,8 @@ def load_fid(inception_path: str | Path) -> torch.nn.Module:
 
     The file is torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (the TF
     Inception graph converted to PyTorch, the one FID is defined with). Inputs: [0, 1].
+    It is read here with `weights_only=True`: torch-fidelity itself would read it with
+    `torch.load(weights_only=False)`, which runs any code a crafted file holds.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
@@ -233,14 +316,23 @@ def load_fid(inception_path: str | Path) -> torch.nn.Module:
     if not _TORCH_FIDELITY_AVAILABLE:
         raise PipelineError("--inception-weights needs the torch-fidelity package "
                             "(`pip install torch-fidelity`, pure Python); rFID was not computed")
-    if not path.is_file():
-        raise PipelineError(f"--inception-weights {path}: no such file")
+    state = _read_state_dict(path, "--inception-weights")
     try:
         return FrechetInceptionDistance(feature=2048, normalize=True,
-                                        feature_extractor_weights_path=str(path))
-    except Exception as e:  # unpickling / key mismatch errors come in many types
+                                        feature_extractor_weights_path=_reserialized(state))
+    except Exception as e:  # key and shape mismatch errors come in many types
         raise PipelineError(f"--inception-weights {path}: not torch-fidelity's Inception-v3 "
                             f"weights ({str(e).splitlines()[0]})") from e
+
+
+def _reserialized(state: dict[str, Tensor]) -> io.BytesIO:
+    """The tensors read safely, serialised again in memory for torch-fidelity's loader:
+    the only pickle its torch.load(weights_only=False) parses is this one, written here
+    from tensors, never the user's file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 # ---------------------------------------------------------------- accumulation

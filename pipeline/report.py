@@ -63,6 +63,15 @@ COLUMNS = (
     Column("images_per_s", "images/s", "{:.0f}", "higher"),
 )
 IDENTITY_HEADER = ["checkpoint", "model", "arch", "step", "samples"]
+SSIM_KEYS = ("ssim", "ms_ssim")
+# metrics.json settings.ssim_convention, as pipeline evaluate records it (pipeline.metrics).
+SSIM_CONVENTIONS = {
+    "skimage-valid/v1": "skimage's convention (11-tap Gaussian window, σ 1.5, the valid "
+                        "region only, mean per channel; MS-SSIM over 3 scales, per channel "
+                        "as pytorch_msssim), independent of the installed library versions",
+}
+UNRECORDED_SSIM = ("convention not recorded (an older pipeline evaluate: torchmetrics' "
+                   "convention of the version installed then, which changed in 1.5)")
 MISSING = "—"
 ARROWS = {"higher": " ↑", "lower": " ↓", None: ""}
 
@@ -82,9 +91,11 @@ def best_rows(values: list[float | None], better: str | None, fmt: str) -> set[i
 
     Comparing what the reader sees means values that print the same are all best, never
     one of them for a difference below the shown precision. A column where fewer than two
-    checkpoints report a value, or where all of them tie, has no best.
+    checkpoints report a value, or where all of them tie, has no best. Non-finite values
+    (json.loads accepts `Infinity` and `NaN`) are shown but never ranked: an infinite
+    PSNR is a broken evaluation, not the best one.
     """
-    shown = [None if v is None else float(fmt.format(v)) for v in values]
+    shown = [float(fmt.format(v)) if is_finite(v) else None for v in values]
     present = [v for v in shown if v is not None]
     if better is None or len(present) < 2 or len(set(present)) == 1:
         return set()
@@ -160,8 +171,9 @@ class Checkpoint:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise PipelineError(f"{path}: expected JSON {{\"counts\": [...]}} ({e}); "
                                 "re-run pipeline evaluate for this checkpoint") from e
-        if not isinstance(counts, list) or not all(is_number(c) and c >= 0 for c in counts):
-            raise PipelineError(f"{path}: 'counts' must be a list of non-negative numbers")
+        if not isinstance(counts, list) or not all(is_finite(c) and c >= 0 for c in counts):
+            raise PipelineError(f"{path}: 'counts' must be a list of finite non-negative "
+                                f"numbers")
         return counts
 
 
@@ -182,6 +194,10 @@ def png_size(data: bytes, path: Path) -> tuple[int, int]:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)
 
 
 def find_metrics_files(inputs: list[str]) -> list[Path]:
@@ -217,6 +233,8 @@ def read_metrics(path: Path) -> dict[str, Any]:
                             "is this a metrics.json written by pipeline evaluate?")
     if not isinstance(metrics["files"], dict):
         raise PipelineError(f"{path}: 'files' must be an object of file names")
+    if not is_finite(metrics["step"]):
+        raise PipelineError(f"{path}: step must be a finite number, got {metrics['step']!r}")
     for key, kind in (("per_class_psnr", dict), ("worst", list), ("fixed_keys", list)):
         if metrics.get(key) is not None and not isinstance(metrics[key], kind):
             raise PipelineError(f"{path}: {key} must be a JSON {kind.__name__} or null")
@@ -277,7 +295,7 @@ def read_history(path: Path) -> tuple[list[dict[str, Any]], int] | None:
         except json.JSONDecodeError:
             bad += 1
             continue
-        if isinstance(record, dict) and is_number(record.get("step")):
+        if isinstance(record, dict) and is_finite(record.get("step")):
             records.append(record)
         else:
             bad += 1
@@ -304,7 +322,7 @@ def group_runs(checkpoints: list[Checkpoint]) -> list[Run]:
 
 def series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     points = [(r["step"], r[key]) for r in history
-              if is_number(r.get(key)) and math.isfinite(r[key])]
+              if is_finite(r.get(key))]
     points.sort()
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -370,7 +388,7 @@ def rate_of(metrics: dict[str, Any]) -> tuple[float, str] | None:
     """The rate axis value: coded bits where the model defines them, else the latent size."""
     for key, unit in (("bits_per_image", "bits"), ("latent_size", "floats")):
         value = metrics.get(key)
-        if value is not None and value > 0:
+        if is_finite(value) and value > 0:
             return value, unit
     return None
 
@@ -392,7 +410,7 @@ def rate_distortion_figure(checkpoints: list[Checkpoint], runs: list[Run]) -> Im
         for run in runs:
             points = sorted(((ck.metrics["step"], *rated[ck.index], ck.metrics[key], ck)
                              for ck in run.checkpoints
-                             if ck.index in rated and ck.metrics.get(key) is not None),
+                             if ck.index in rated and is_finite(ck.metrics.get(key))),
                             key=lambda point: point[0])
             if len(points) > 1:  # steps of one run: a thin line shows the direction of training
                 ax.plot([p[1] for p in points], [p[3] for p in points], lw=0.8, alpha=0.5,
@@ -468,7 +486,8 @@ def code_usage_figure(ck: Checkpoint, counts: list[float]) -> Image:
 
 # ---------------------------------------------------------------- sections
 
-def metrics_table(checkpoints: list[Checkpoint]) -> Table:
+def metrics_table(checkpoints: list[Checkpoint], unranked: frozenset[str] = frozenset()) -> Table:
+    """The table of COLUMNS; columns in `unranked` get no best (values not comparable)."""
     rows: list[list[Cell]] = []
     for ck in checkpoints:
         m = ck.metrics
@@ -478,7 +497,8 @@ def metrics_table(checkpoints: list[Checkpoint]) -> Table:
     best = set()
     for j, column in enumerate(COLUMNS, start=len(IDENTITY_HEADER)):
         values = [ck.metrics.get(column.key) for ck in checkpoints]
-        for i in best_rows(values, column.better, column.fmt):
+        better = None if column.key in unranked else column.better
+        for i in best_rows(values, better, column.fmt):
             best.add((i, j))
     header = IDENTITY_HEADER + [c.title + ARROWS[c.better] for c in COLUMNS]
     return Table(header, rows, best)
@@ -504,14 +524,42 @@ def comparability_notes(checkpoints: list[Checkpoint]) -> list[Text]:
     return notes
 
 
+def ssim_conventions(checkpoints: list[Checkpoint]) -> dict[str | None, list[str]]:
+    """Labels of the checkpoints reporting SSIM or MS-SSIM, by recorded convention."""
+    groups: dict[str | None, list[str]] = {}
+    for ck in checkpoints:
+        if any(is_number(ck.metrics.get(key)) for key in SSIM_KEYS):
+            settings = ck.metrics.get("settings")
+            recorded = settings.get("ssim_convention") if isinstance(settings, dict) else None
+            groups.setdefault(None if recorded is None else str(recorded), []).append(ck.label)
+    return groups
+
+
+def describe_ssim_convention(convention: str | None) -> str:
+    if convention is None:
+        return UNRECORDED_SSIM
+    return SSIM_CONVENTIONS.get(convention, f"convention {convention!r}")
+
+
 def metrics_section(checkpoints: list[Checkpoint], runs: list[Run]) -> Section:
+    conventions = ssim_conventions(checkpoints)
+    notes = comparability_notes(checkpoints)
+    if len(conventions) > 1:
+        groups = "; ".join(f"{', '.join(labels)}: {describe_ssim_convention(convention)}"
+                           for convention, labels in conventions.items())
+        notes.append(Text(f"SSIM and MS-SSIM were computed under different conventions, so "
+                          f"they are not ranked: {groups}.", note=True))
     legend = ("↑ higher is better, ↓ lower is better; bold marks the best value of a column "
               "as shown (ties all bold; none when fewer than two checkpoints report it or all "
-              "are equal). Rate columns (bits/image, latent "
-              f"size) are not ranked: a lower rate is cheaper but trades against distortion, "
-              f"see the rate–distortion plot. {MISSING} = does not apply to this model.")
+              "are equal; non-finite values are shown but never ranked). Rate columns "
+              f"(bits/image, latent size) are not ranked: a lower rate is cheaper but trades "
+              f"against distortion, see the rate–distortion plot. {MISSING} = does not apply "
+              f"to this model.")
+    if len(conventions) == 1:
+        legend += f" SSIM and MS-SSIM: {describe_ssim_convention(next(iter(conventions)))}."
+    unranked = frozenset(SSIM_KEYS) if len(conventions) > 1 else frozenset()
     return Section("Metrics", "metrics",
-                   [*comparability_notes(checkpoints), metrics_table(checkpoints), Text(legend)])
+                   [*notes, metrics_table(checkpoints, unranked), Text(legend)])
 
 
 def rate_distortion_section(checkpoints: list[Checkpoint], runs: list[Run]) -> Section:
@@ -591,7 +639,7 @@ def per_class_section(checkpoints: list[Checkpoint], runs: list[Run]) -> Section
         return Section("Per-class PSNR", "per-class", [Text("Not available.")])
 
     def mean_psnr(cls: str) -> float:
-        values = [t[cls] for t in tables.values() if is_number(t.get(cls))]
+        values = [t[cls] for t in tables.values() if is_finite(t.get(cls))]
         return sum(values) / len(values) if values else math.inf
 
     classes.sort(key=mean_psnr)

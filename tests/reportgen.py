@@ -71,6 +71,7 @@ def default_metrics(model: str, step: int, psnr: float) -> dict[str, Any]:
                   for i in range(12)],
         "fixed_keys": FIXED_KEYS,
         "settings": {"psnr": "mean over images of 10*log10(1/MSE_image)",
+                     "ssim_convention": "skimage-valid/v1",
                      "error_maps": "mean |recon - original| over RGB, colormap magma, "
                                    "0 (black) to 0.1 (bright, clipped above)"},
         "provenance": {"git_commit": None, "versions": {"python": "3.11"}},

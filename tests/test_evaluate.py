@@ -353,6 +353,31 @@ def test_psnr_matches_a_direct_computation(evaluated, checkpoints):
     assert record["mse"] == pytest.approx(mse.mean().item(), rel=1e-4)
 
 
+def test_ssim_matches_skimage_end_to_end(evaluated, checkpoints):
+    """The streamed SSIM is the mean of skimage's per-image SSIM on the same 150 images, and
+    metrics.json says which convention that is."""
+    from shardgen import synthetic_image
+    from skimage.metrics import structural_similarity
+
+    from pipeline.models import from_pretrained
+
+    model = from_pretrained(checkpoints["vq"])
+    images = np.stack([synthetic_image(i, i % 10) for i in range(150)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.inference_mode():
+        recon = ((model(x * 2 - 1).recon.float() + 1) / 2).clamp(0, 1)
+    by_skimage = [structural_similarity(r, t, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, data_range=1,
+                                        channel_axis=0)
+                  for r, t in zip(recon.double().numpy(), x.double().numpy())]
+    record = strict_json(evaluated / "vq-step7" / "metrics.json")
+    assert record["ssim"] == pytest.approx(float(np.mean(by_skimage)), abs=1e-6)
+    assert record["settings"]["ssim_convention"] == metrics.SSIM_CONVENTION
+    assert "independent of the torchmetrics version" in record["settings"]["ssim"]
+    assert "structural_similarity(gaussian_weights=True" in record["settings"]["ssim"]
+    assert "3 scales (64 px, 32 px, 16 px)" in record["settings"]["ms_ssim"]
+
+
 def test_two_processes_give_the_same_numbers(evaluated, checkpoints, synthetic_shards, tmp_path):
     """torchrun, 2 CPU processes (gloo): every sample once, the same metrics as 1 process."""
     out = tmp_path / "dist"

@@ -12,6 +12,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline import report
@@ -290,6 +292,10 @@ def test_rerun_replaces_assets(comparison, tmp_path):
      "files.originals must be a file name beside metrics.json"),
     ('{"name": "x", "model": "ae", "step": 1, "psnr": 1, "files": {}, "worst": {}}',
      "worst must be a JSON list or null"),
+    ('{"name": "x", "model": "ae", "step": "1/..", "psnr": 1, "files": {}}',
+     "step must be a finite number, got '1/..'"),
+    ('{"name": "x", "model": "ae", "step": NaN, "psnr": 1, "files": {}}',
+     "step must be a finite number, got nan"),
 ])
 def test_bad_metrics_file_names_the_file(tmp_path, content, message):
     path = tmp_path / "bad" / "metrics.json"
@@ -343,6 +349,76 @@ def test_best_rows_and_unique_labels():
     assert report.best_rows([1.0, 2.0], None, "{:.1f}") == set()  # rates are not ranked
     paths = [Path("/e/x/m/metrics.json"), Path("/e/y/m/metrics.json"), Path("/e/z/metrics.json")]
     assert report.unique_labels(["m", "m", "z"], paths) == ["m (x/m)", "m (y/m)", "z"]
+
+
+NON_FINITE = st.sampled_from([float("inf"), float("-inf"), float("nan")])
+
+
+@given(st.lists(st.none() | st.floats(-1e6, 1e6), max_size=8),
+       st.lists(st.tuples(st.integers(0, 8), NON_FINITE), max_size=4),
+       st.sampled_from(["higher", "lower"]), st.sampled_from(["{:.2f}", "{:.4f}", "{:.0f}"]))
+def test_non_finite_values_are_never_ranked(finite, inserts, better, fmt):
+    """Inserting Infinity/NaN rows anywhere changes nothing about which of the other rows
+    are best, and never makes a non-finite row best."""
+    values, origin = list(finite), list(range(len(finite)))  # origin: index in `finite`
+    for position, value in inserts:
+        position = min(position, len(values))
+        values.insert(position, value)
+        origin.insert(position, None)
+    best = report.best_rows(values, better, fmt)
+    assert all(origin[i] is not None for i in best)
+    assert sorted(origin[i] for i in best) == sorted(report.best_rows(finite, better, fmt))
+
+
+def test_infinity_and_nan_in_metrics_json_are_shown_not_best(tmp_path):
+    """json.loads accepts Infinity and NaN: a crafted (or broken) metrics.json may hold them."""
+    write_checkpoint(tmp_path / "eval", "real", run="real", run_dir=None, step=1, psnr=24.0,
+                     ssim=0.71, mse=0.004)
+    write_checkpoint(tmp_path / "eval", "inf", run="inf", run_dir=None, step=1, psnr=20.0,
+                     ssim=float("nan"), mse=float("-inf"), bits_per_image=float("inf"),
+                     latent_size=None)
+    write_checkpoint(tmp_path / "eval", "zzz", run="zzz", run_dir=None, step=1,
+                     psnr=float("inf"), ssim=0.65, mse=0.006)
+    assert "Infinity" in (tmp_path / "eval" / "zzz" / "metrics.json").read_text()
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "eval"), "--output", str(out)]) == 0
+    header, rows = markdown_metrics_rows((out / "report.md").read_text())
+    by_name = {row[0]: dict(zip(header, row)) for row in rows}
+    assert by_name["real"]["PSNR dB ↑"] == "**24.00**"  # not the infinite one
+    assert by_name["zzz"]["PSNR dB ↑"] == "inf"
+    assert by_name["real"]["SSIM ↑"] == "**0.7100**" and by_name["inf"]["SSIM ↑"] == "nan"
+    assert by_name["real"]["MSE ↓"] == "**0.00400**" and by_name["inf"]["MSE ↓"] == "-inf"
+    tables = parse_html(out / "report.html").tables
+    bold = [text for row in tables[0][1:] for text, classes in row if "best" in classes]
+    assert not [text for text in bold if text in ("inf", "-inf", "nan")]
+    assert "never ranked" in (out / "report.md").read_text()
+
+
+def test_ssim_convention_is_stated_and_mixed_conventions_are_not_ranked(tmp_path):
+    write_checkpoint(tmp_path / "eval", "new", run="new", run_dir=None, step=1, ssim=0.80,
+                     psnr=26.0)
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "eval"), "--output", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "SSIM and MS-SSIM: skimage's convention" in md
+    assert "independent of the installed library versions" in md
+
+    # An evaluation from before the convention was recorded (torchmetrics' values).
+    old = write_checkpoint(tmp_path / "eval", "old", run="old", run_dir=None, step=1, ssim=0.90,
+                           psnr=27.0)
+    metrics = json.loads(old.read_text())
+    del metrics["settings"]["ssim_convention"]
+    old.write_text(json.dumps(metrics))
+    assert report.main([str(tmp_path / "eval"), "--output", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert ("SSIM and MS-SSIM were computed under different conventions, so they are not "
+            "ranked: new: skimage's convention") in md
+    assert "old: convention not recorded" in md
+    header, rows = markdown_metrics_rows(md)
+    for key in ("SSIM ↑", "MS-SSIM ↑"):
+        assert not [row for row in rows if row[header.index(key)].startswith("**")], key
+    psnr = header.index("PSNR dB ↑")
+    assert [row[psnr] for row in rows] == ["26.00", "**27.00**"]  # other columns still ranked
 
 
 def test_wandb_offline_logs_table_and_artifact(comparison, tmp_path, monkeypatch):
