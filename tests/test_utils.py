@@ -37,3 +37,47 @@ def test_available_cpus_prefers_slurm(monkeypatch):
     assert utils.available_cpus() == 3
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     assert utils.available_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_atomic_dir_keeps_the_previous_result_when_the_swap_fails(tmp_path, monkeypatch):
+    final = tmp_path / "model"
+    with utils.atomic_dir(final) as d:
+        (d / "w").write_text("v1")
+    real_replace = os.replace
+
+    def failing_second_rename(src, dst):
+        if os.path.basename(src).startswith(".model.tmp-"):  # the new result's rename
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", failing_second_rename)
+    with pytest.raises(OSError):
+        with utils.atomic_dir(final) as d:
+            (d / "w").write_text("v2")
+    assert (final / "w").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_atomic_write_removes_its_temporary_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "x.json"
+    utils.atomic_write_json(target, {"a": 1})
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        utils.atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_output_errors_become_one_line_with_exit_2(capsys):
+    from pipeline.cli import run_stage
+
+    def fails(argv):
+        raise OSError(28, "No space left on device", "/out/x.tar")
+
+    assert run_stage(fails, []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/out/x.tar" in err and "free space" in err
