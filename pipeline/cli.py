@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .utils import PipelineError, output_error_message
+from .utils import run_stage  # noqa: F401  (kept importable from here)
 
 STAGES = {
     "sample": ("pipeline.sample", "write the embedded ImageNet-layout sample tree"),
@@ -27,24 +27,6 @@ def usage() -> str:
              "stages:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in STAGES.items()]
     return "\n".join(lines)
-
-
-def run_stage(main_fn, argv: list[str]) -> int:
-    """Run a stage's main; user errors print one clear line instead of a traceback."""
-    try:
-        return int(main_fn(argv) or 0)
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        message = output_error_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,43 @@ def output_error_message(error: OSError) -> str | None:
             f"kept and no partial file is left")
 
 
+def run_stage(main_fn, argv: list[str]) -> int:
+    """Run a stage's `main(argv)`: a user error prints one clear line (exit 2) instead of a
+    traceback; Ctrl-C exits 130. Every stage's `__main__` and the `pipeline` CLI use it."""
+    try:
+        return int(main_fn(argv) or 0)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        message = output_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def read_json(path: str | os.PathLike, what: str = "file", fix: str = "") -> Any:
+    """Parse a JSON file, or raise PipelineError naming it, what it is and what to do.
+
+    `what` ("shard manifest", "checkpoint config"...) and `fix` ("re-run `pipeline
+    prepare`") go into the message; strict: NaN/Infinity are refused like other bad JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes(), parse_constant=_refuse_constant)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, NaN/Infinity
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise PipelineError(f"cannot read {what} {path}: {reason}"
+                            + (f"; {fix}" if fix else "")) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 # ---------------------------------------------------------------- atomic writes
 
 def _tmp_name(path: Path) -> Path:
