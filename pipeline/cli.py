@@ -12,7 +12,7 @@ import sys
 from .utils import run_stage  # noqa: F401  (kept importable from here)
 
 STAGES = {
-    "sample": ("pipeline.sample", "write the embedded ImageNet-layout sample tree"),
+    "sample": ("pipeline.sampledata", "write the embedded ImageNet-layout sample tree"),
     "prepare": ("pipeline.prepare", "JPEG tree -> 64x64 WebDataset shards + manifest"),
     "train": ("pipeline.train", "train an AE / VAE / VQ-VAE under Accelerate"),
     "evaluate": ("pipeline.evaluate", "reconstruction metrics of checkpoints on val shards"),

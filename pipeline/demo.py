@@ -16,9 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import ARCHS, MODELS, preset_for
 from .utils import PipelineError
-
-MODELS = ("ae", "vae", "vqvae")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,16 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an ImageNet-layout root (train/ and val/) to use instead of the "
                         "generated sample tree")
     p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated models to train (default: ae,vae,vqvae)")
-    p.add_argument("--arch", default="basic", choices=("basic", "resnet"),
+                   help=f"comma-separated models to train (default: {','.join(MODELS)})")
+    p.add_argument("--arch", default="basic", choices=ARCHS,
                    help="encoder/decoder family for every model (default: basic)")
     p.add_argument("--steps", type=int, default=300,
                    help="training steps per model (default: 300, enough to see the "
                         "models separate on the sample data)")
     p.add_argument("--batch-size", type=int, default=32, help="per-device batch size")
     p.add_argument("--preset", default="demo",
-                   help="config preset suffix: each model uses the preset "
-                        "`<preset>-<model>` if it exists, else `<model>` (default: demo)")
+                   help="config preset prefix: each model uses the preset "
+                        "`<preset>-<model>` if it exists, else the one `pipeline train` "
+                        "picks for the model and --arch (default: demo)")
     p.add_argument("--workers", type=int, default=None,
                    help="preprocessing worker processes (default: the cores available)")
     p.add_argument("--tracker", default="none", choices=("wandb", "tensorboard", "none"),
@@ -66,12 +66,6 @@ def call(module_name: str, argv: list[str]) -> None:
     if code:
         raise PipelineError(f"stage {module_name} failed with exit code {code}; "
                             f"see its messages above")
-
-
-def preset_for(model: str, preset: str) -> str:
-    from .config import list_presets
-
-    return f"{preset}-{model}" if f"{preset}-{model}" in list_presets() else model
 
 
 def training_done(run_dir: Path, steps: int) -> bool:
@@ -116,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         if training_done(run_dir, args.steps):
             print(f"complete: {run_dir} already holds step {args.steps}; skipping")
         else:
+            preset = preset_for(model, args.arch, prefix=args.preset)
             call("pipeline.train", [
-                "--config", preset_for(model, args.preset), "--model", model,
+                *(["--config", preset] if preset else []), "--model", model,
                 "--arch", args.arch, "--train-shards", str(shards / "train"),
                 "--val-shards", str(shards / "val"), "--output", str(run_dir),
                 "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
@@ -125,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints.append(run_dir / "model")
 
     stage("4/5 evaluate")
+    evaluated = out / "eval"
     pending = [c for c in checkpoints
-               if not (out / "eval" / f"{c.parent.name}-step{args.steps}" / "metrics.json").is_file()]
+               if not (evaluated / f"{c.parent.name}-step{args.steps}" / "metrics.json").is_file()]
     if pending:
         call("pipeline.evaluate", [*map(str, pending), "--shards", str(shards / "val"),
                                    "--output", str(out / "eval")])

@@ -256,9 +256,9 @@ def scan_files(root: Path, directory: Path) -> Listing:
     walked again. Real folders are walked before linked ones, each kind in path order, so
     the files of a directory reached both ways keep the path (and the class) of the real
     folder, on every machine. Only regular files are inputs: a FIFO would block the job
-    at its first read. Plain strings, not Path objects: listing ImageNet's 1.33 M files
-    through pathlib cost ~30 µs a file (40 s before the first image is decoded);
-    `os.scandir`'s d_type tells plain files and folders apart without a stat."""
+    at its first read. Plain strings, not Path objects: on ImageNet's 1.33 M files
+    pathlib's per-file cost delayed the first decode by many seconds (README,
+    Performance); `os.scandir`'s d_type tells plain files and folders apart without a stat."""
     start = len(os.path.join(str(root), ""))
     files: list[str] = []
     failures: list[dict[str, str]] = []
@@ -339,11 +339,11 @@ def key_base(src: str) -> str:
     [A-Za-z0-9_-] replaced by `_`: `a.b.JPEG` -> `a_b`. Bytes, not characters, so that a
     name that is not UTF-8 gets a key too, and the same one whatever the locale."""
     name = os.fsencode(src).rsplit(b"/", 1)[-1]
-    stem = os.path.splitext(name)[0]
-    return NOT_KEY_BYTES.sub(b"_", stem).decode("ascii") or "_"
+    return sanitise_key(os.fsdecode(os.path.splitext(name)[0]))
 
 
 def sanitise_key(stem: str) -> str:
+    """`stem` with every byte outside [A-Za-z0-9_-] replaced by `_` ("_" if empty)."""
     return NOT_KEY_BYTES.sub(b"_", os.fsencode(stem)).decode("ascii") or "_"
 
 

@@ -13,7 +13,8 @@ Torch-free, so every stage (and a report built on a laptop) can import it. A run
     RUN_DIR/.lock                  held by the running trainer
 
 An evaluation output directory holds `<name>/metrics.json` per checkpoint with the image
-strips beside it, and `.lock` while `pipeline evaluate` writes it.
+strips and the resolved options (`evaluate.yaml`) beside it, and `.lock` while `pipeline
+evaluate` writes it.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def step_dir_name(step: int) -> str:
 
 # ---------------------------------------------------------------- evaluation outputs
 METRICS_NAME = "metrics.json"
+EVALUATE_CONFIG_NAME = "evaluate.yaml"  # the options of the evaluate call, beside metrics.json
 STRIP_FILES = {"originals": "originals.png", "reconstructions": "reconstructions.png",
                "error_maps": "error_maps.png", "prior_samples": "prior_samples.png",
                "code_usage": "code_usage.json"}

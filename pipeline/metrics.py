@@ -6,9 +6,11 @@ whole reflect-padded SSIM map; 1.4 cropped its border as skimage and Wang et al.
 which at 64x64 moves SSIM by up to 0.027 and MS-SSIM by up to 0.09: the project's values
 must not depend on the installed library version. They follow skimage's convention (see
 `per_image_ssim`), the one published tokenizer tables use. This module also adds what the
-libraries leave to the caller: the PSNR cap, the bottleneck's bit budget, code usage, the
-VAE's discretised likelihood, and loading LPIPS / Inception weights from local files only
-(nothing here ever downloads, nothing here unpickles: tensors only, `weights_only=True`).
+libraries leave to the caller: the PSNR cap, code usage from code counts, the VAE's
+discretised likelihood, loading LPIPS / Inception weights from local files only (nothing
+here ever downloads, nothing here unpickles: tensors only, `weights_only=True`), and the
+float64 sums `pipeline evaluate` reduces across processes. What a bottleneck carries (its
+rate, its code alphabet) is the model's to say (`AutoEncoder.rate_bits`, `num_codes`).
 
 All image arguments are float tensors B x 3 x H x W with values in [0, 1].
 """
@@ -17,8 +19,8 @@ from __future__ import annotations
 import io
 import math
 import pickle
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +160,8 @@ def _halve(images: Tensor) -> Tensor:
 def bits_per_image(model: str, quantizer: str, latent_shape: Sequence[int],
                    codebook_size: int, fsq_levels: Sequence[int],
                    kl_nats: float | None = None) -> float | None:
-    """Information the bottleneck carries per image.
+    """Information the bottleneck carries per image, from config values (for callers
+    without a model; `pipeline evaluate` asks the model: `AutoEncoder.rate_bits`).
 
     VQ: one index of log2 K bits per latent position; FSQ: one level per channel, so
     sum(log2 L_i) bits per position; VAE: its KL in bits (the rate of the ELBO);
@@ -175,7 +178,8 @@ def bits_per_image(model: str, quantizer: str, latent_shape: Sequence[int],
 
 
 def num_codes(quantizer: str, codebook_size: int, fsq_levels: Sequence[int]) -> int:
-    """Size of the code alphabet: K for VQ, the product of the levels for FSQ."""
+    """Size of the code alphabet: K for VQ, the product of the levels for FSQ (from config
+    values; with a model at hand, `AutoEncoder.num_codes` says it)."""
     return codebook_size if quantizer == "vq" else math.prod(fsq_levels)
 
 

@@ -50,7 +50,7 @@ def check_key(key: str) -> str:
     return key
 
 
-BLOCK = 512
+BLOCK = 512  # a tar block: headers, member padding and the end of the archive (both sides)
 RECORD = 20 * BLOCK  # tarfile's record size: archives end padded to a multiple of it
 
 
@@ -75,7 +75,7 @@ _MAX_OCTAL_SIZE = 8 ** 11  # what the 12-byte size field holds as octal digits
 
 def _tar_header(name: str, size: int) -> bytes:
     """The ustar header tarfile would write (tested byte for byte), filled into a template:
-    tarfile's `tobuf` costs ~30 µs a member, a fifth of `prepare`'s tar writing."""
+    tarfile's `tobuf` is a large share of `prepare`'s tar writing (README, Performance)."""
     encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) > 100 or size >= _MAX_OCTAL_SIZE:
         return _tarfile_header(name, size)
@@ -227,7 +227,8 @@ def read_manifest(split_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 _REGENERATE = "regenerate it with `pipeline prepare` (or repair the file)"
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+# `scheme:` at the start of a string: a URL (or a `pipe:` command), never a plain file name.
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 def _is_count(value: Any) -> bool:
@@ -236,7 +237,7 @@ def _is_count(value: Any) -> bool:
 
 
 def _check_shard_name(name: Any, path: Path) -> None:
-    if (not isinstance(name, str) or not name or _URL_SCHEME.match(name) or "\0" in name
+    if (not isinstance(name, str) or not name or URL_SCHEME.match(name) or "\0" in name
             or Path(name).is_absolute() or ".." in Path(name).parts):
         raise PipelineError(f"shard manifest {path} lists shard {name!r}, which is not a "
                             f"plain file name in its directory; manifest entries are never opened "
@@ -313,8 +314,7 @@ class TarFormatError(ValueError):
     """A shard is not a complete, readable tar (truncated, bad header, duplicate member)."""
 
 
-_BLOCK = 512
-_END_OF_ARCHIVE = bytes(_BLOCK)
+_END_OF_ARCHIVE = bytes(BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous
 _NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos
 _GNU_TYPES = (b"L", b"K", b"S")  # these never take the ustar name prefix
@@ -344,9 +344,9 @@ def _header_number(field: bytes, what: str) -> int:
 def _check_header(header: bytes) -> None:
     """Reject a block that is not a tar header (misaligned, overwritten, truncated).
 
-    The ustar magic is a cheap identity check; summing 512 bytes three times per sample
-    would cost a fifth of the reader's time, so the checksum is verified only for
-    headers without the magic (old v7 tars).
+    The ustar magic is a cheap identity check; summing every header's 512 bytes would
+    be a large share of the reader's time (three headers a sample), so the checksum is
+    verified only for headers without the magic (old v7 tars).
     """
     if header[257:262] == b"ustar":
         return
@@ -395,9 +395,9 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     pax: dict[str, str] | None = None
     padding = 0  # the previous member's padding, read together with the next header
     while True:
-        block = stream.read(padding + _BLOCK)
-        if len(block) != padding + _BLOCK:
-            block += _read_exact(stream, padding + _BLOCK - len(block), "tar stream "
+        block = stream.read(padding + BLOCK)
+        if len(block) != padding + BLOCK:
+            block += _read_exact(stream, padding + BLOCK - len(block), "tar stream "
                                  "(no end-of-archive block)" if not block else "member header")
         header = block[padding:] if padding else block
         if header == _END_OF_ARCHIVE:
@@ -419,7 +419,7 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         data = stream.read(size)
         if len(data) != size:
             data += _read_exact(stream, size - len(data), f"member data ({size} bytes)")
-        padding = -size % _BLOCK
+        padding = -size % BLOCK
         if kind in _FILE_TYPES and pax is None and long_name is None and not header[345]:
             # A plain ustar member (every member of our shards): the name field alone.
             name = _name_field(header[:100])
@@ -463,7 +463,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     ``dir/abc.seg.PNG`` -> (``dir/abc``, ``seg.png``): the extension is lowercased; a
     name without a dot belongs to no sample (None).
     """
-    if "/" not in name:  # the shards' own layout; same result as the pattern, 3x faster
+    if "/" not in name:  # the shards' own layout: same result as the pattern, without a regex
         key, dot, ext = name.partition(".")
         return (key, ext.lower()) if key and dot else None
     match = _KEY_AND_EXT.match(name)

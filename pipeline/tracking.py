@@ -20,11 +20,9 @@ import numpy as np
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 from PIL import Image
 
+from . import layout
+from .layout import HISTORY_NAME, RUN_ID_NAME, SAMPLES_DIR, TENSORBOARD_DIR
 from .utils import PipelineError, atomic_write_bytes, atomic_write_text, dumps_json
-
-HISTORY_NAME = "history.jsonl"
-RUN_ID_NAME = "wandb_run_id"
-SAMPLES_DIR = "samples"
 
 
 def check_tracker_available(tracker: str) -> None:
@@ -36,7 +34,8 @@ def check_tracker_available(tracker: str) -> None:
 
 def project_configuration(run_dir: Path) -> ProjectConfiguration:
     # TensorBoard event files get their own folder instead of mixing with checkpoints.
-    return ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard"))
+    return ProjectConfiguration(project_dir=str(run_dir),
+                                logging_dir=str(run_dir / TENSORBOARD_DIR))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,8 +67,13 @@ def truncate_history(run_dir: Path, last_step: int) -> None:
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / HISTORY_NAME
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The logged records of `RUN_DIR/history.jsonl`, in order (`layout.read_history`,
+    which skips a line that is not a whole record, e.g. the last line of a live run)."""
+    found = layout.read_history(run_dir)
+    if found is None:
+        path = Path(run_dir) / HISTORY_NAME
+        raise FileNotFoundError(f"no training history: {path}")
+    return found[0]
 
 
 class RunLogger:

@@ -1,8 +1,8 @@
 """Fabricated `pipeline evaluate` outputs, so report tests need no model, shard or evaluator.
 
-Files follow docs/interfaces.md ("Evaluation output", "Run directory"): one folder per
-checkpoint with metrics.json and the 1024x64 image strips, and a run directory holding
-history.jsonl. Images are shardgen's smooth patterns; reconstructions are blurred, noisy
+Files follow docs/interfaces.md ("Evaluation output", "Run directory"), named as
+`pipeline.layout` names them: one folder per checkpoint with metrics.json and the 1024x64
+image strips, and a run directory holding history.jsonl. Images are shardgen's smooth patterns; reconstructions are blurred, noisy
 copies, so strips and error maps look like the real thing in a screenshot.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.layout import HISTORY_NAME, METRICS_NAME, STRIP_FILES
 from shardgen import synthetic_image
 
 NUM_FIXED = 16
@@ -92,30 +93,28 @@ def write_checkpoint(eval_root: str | Path, name: str, *, run: str, run_dir: str
     if model == "vae":
         strips["prior_samples"] = [degrade(synthetic_image(100 + i, i), 3, 20, rng)
                                    for i in range(NUM_FIXED)]
-    files: dict[str, str | None] = {kind: None for kind in
-                                    ("originals", "reconstructions", "error_maps",
-                                     "prior_samples", "code_usage")}
+    files: dict[str, str | None] = {kind: None for kind in STRIP_FILES}
     for kind, images in strips.items():
-        (out / f"{kind}.png").write_bytes(png_strip(images))
-        files[kind] = f"{kind}.png"
+        (out / STRIP_FILES[kind]).write_bytes(png_strip(images))
+        files[kind] = STRIP_FILES[kind]
     if model == "vqvae":
         counts = np.floor(rng.pareto(1.5, 512) * 40).astype(int).tolist()
-        (out / "code_usage.json").write_text(json.dumps({"counts": counts}))
-        files["code_usage"] = "code_usage.json"
+        (out / STRIP_FILES["code_usage"]).write_text(json.dumps({"counts": counts}))
+        files["code_usage"] = STRIP_FILES["code_usage"]
     metrics = {"name": name, "run": run, "run_dir": str(run_dir) if run_dir else None,
                "checkpoint": f"{run_dir}/checkpoints/step-{step}", "step": step,
                "model": model, "arch": arch, "config": {"model": {"kind": model, "arch": arch}},
                **default_metrics(model, step, psnr), "files": files}
     metrics.update(overrides)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return out / "metrics.json"
+    (out / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+    return out / METRICS_NAME
 
 
 def write_history(run_dir: str | Path, steps: int, final_psnr: float, every: int = 10) -> Path:
     """A decaying loss and rising val PSNR, logged every `every` steps, val every 5th line.
 
     The loss floor follows the final PSNR so that runs draw distinct curves."""
-    path = Path(run_dir) / "history.jsonl"
+    path = Path(run_dir) / HISTORY_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for step in range(every, steps + 1, every):

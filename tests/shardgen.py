@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shards import shard_name, write_manifest, write_shard
+from pipeline.shards import MANIFEST_FORMAT, shard_name, write_manifest, write_shard
 
 
 def synthetic_image(index: int, label: int, size: int = 64) -> np.ndarray:
@@ -53,7 +53,7 @@ def make_split(root: str | Path, split: str, num_samples: int, shard_size: int,
             }))
         shards.append(write_shard(out / shard_name(split, s), samples).to_dict())
     write_manifest(out, {
-        "format": "ae-pipeline-shards/1", "split": split, "num_samples": num_samples,
+        "format": MANIFEST_FORMAT, "split": split, "num_samples": num_samples,
         "num_failures": 0, "image_size": size, "image_format": fmt,
         "resize": {"policy": "center-crop"}, "classes": classes, "shards": shards,
     })

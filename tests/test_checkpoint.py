@@ -3,7 +3,9 @@
 resolution with fallback, and atomic saves that leave nothing behind on a full disk."""
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -22,7 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import Config, ModelConfig
+from pipeline.config import Config, ModelConfig, weight_fields
 from pipeline.models import build_model, save_pretrained
 from pipeline.utils import PipelineError, sha256_file
 
@@ -30,7 +32,7 @@ SMALL = ModelConfig(widths=[4, 8], latent_channels=8)
 
 
 def fake_accelerator(scaler=None, step: int = 0, rank: int = 0, world: int = 1):
-    """What checkpoint.py uses of an Accelerator, for one process."""
+    """What pipeline.checkpoint uses of an Accelerator, for one process."""
     return SimpleNamespace(is_main_process=rank == 0, process_index=rank, num_processes=world,
                            device=torch.device("cpu"), step=step, scaler=scaler,
                            reduce=lambda tensor, reduction: tensor)
@@ -354,6 +356,43 @@ def test_auto_resume_falls_back_to_newest_that_verifies(saved, tmp_path):
                                             r"step-2: .*trainer\.json"):
         ckpt.resolve_resume("auto", run, note=notes.append)
     assert [n.split(":")[0] for n in notes] == ["--resume auto"] * 2
+
+
+def changed(value):
+    """Another value of the same type (the model check compares values, it validates none)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return type(value)([*value, value[-1]] if isinstance(value, list) else [v + 1 for v in value])
+
+
+# The fields that pick the model's parts are left alone: with them, the parts (and so the
+# fields that shape the weights) would change too.
+KIND_FIELDS = ("model", "arch", "quantizer")
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chosen=st.sets(st.sampled_from([f.name for f in dataclasses.fields(ModelConfig)
+                                       if f.name not in KIND_FIELDS])))
+def test_model_check_compares_only_the_fields_that_shape_the_weights(saved, chosen):
+    """An AE checkpoint resumes with any change to fields its network does not use
+    (codebook size, FSQ levels, resnet widths...) and is refused, naming exactly the
+    changed fields, when one that shapes its weights differs."""
+    checkpoint = saved / "checkpoints" / "step-4"
+    run_cfg = dataclasses.replace(SMALL, **{name: changed(getattr(SMALL, name))
+                                            for name in chosen})
+    shaping = [name for name in weight_fields(SMALL) if name in chosen]
+    if not shaping:
+        ckpt.check_model_matches(checkpoint, run_cfg)
+        return
+    with pytest.raises(PipelineError, match="cannot resume from") as refused:
+        ckpt.check_model_matches(checkpoint, run_cfg)
+    named = re.findall(r"model\.(\w+): checkpoint", str(refused.value))
+    assert collections.Counter(named) == collections.Counter(shaping)
 
 
 def make_legacy_checkpoint(run: Path, step: int) -> Path:

@@ -1,15 +1,20 @@
 """Config: presets, dotted overrides, coercion, and validation of every field against its
 declared range (generically, over generated values) with actionable messages."""
 import argparse
+import dataclasses
+import json
 import math
+import subprocess
+import sys
 import typing
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import (Bounds, Config, ModelConfig, Rule, add_config_arguments,
-                             build_config, config_fields, element_type, from_dict, list_presets,
+from pipeline.config import (ALIASES, ARCHS, MODELS, Bounds, Config, ModelConfig, Rule,
+                             add_config_arguments, build_config, config_fields, element_type,
+                             format_value, from_dict, get_dotted, list_presets, preset_for,
                              to_yaml, undeclared_fields, unwrap_optional, validate)
 from pipeline.utils import PipelineError
 
@@ -218,3 +223,122 @@ def test_range_messages_name_option_alias_and_range():
     with pytest.raises(PipelineError, match=r"--model\.logvar_clamp \[5\.0, 1\.0\]: the minimum "
                                             r"must be below the maximum"):
         validate(from_dict(Config, {"model": {"logvar_clamp": [5, 1]}}))
+
+
+# ---------------------------------------------------------------- list syntax
+
+LIST_FIELDS = [(dotted, f, hint) for dotted, f, hint in FIELDS
+               if typing.get_origin(unwrap_optional(hint)[0]) in (list, tuple)]
+
+
+def shown_default(action) -> str:
+    """The default as `--help` prints it: '... (default: [8, 8, 8, 6, 5]; >= 2)'."""
+    text = action.help.replace("%%", "%")
+    shown = text[text.rindex("(default: ") + len("(default: "):-1]
+    return shown.split("; ")[0]
+
+
+def test_every_list_default_as_help_shows_it_parses_back_to_the_default():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ALIASES)
+    actions = {a.dest: a for a in parser._actions}
+    assert {d for d, _, _ in LIST_FIELDS} >= {"model.fsq_levels", "model.widths",
+                                              "optim.betas", "tracker.tags"}
+    for dotted, f, _hint in LIST_FIELDS:
+        shown = shown_default(actions[dotted])
+        cfg = build_config(None, parser.parse_args([f"--{dotted}", shown]))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert get_dotted(cfg, dotted) == default, (dotted, shown)
+    assert shown_default(actions["model.fsq_levels"]) == "[8, 8, 8, 6, 5]"
+
+
+@pytest.mark.parametrize("text", ["[8, 5, 5, 5]", "[8,5,5,5]", " [8, 5, 5, 5] ", "8,5,5,5",
+                                  "8 5 5 5", "8, 5, 5, 5"])
+def test_fsq_levels_accept_yaml_comma_and_space_lists(text):
+    cfg = build_config(None, parse(["--model.fsq_levels", text]))
+    assert cfg.model.fsq_levels == [8, 5, 5, 5]
+
+
+def test_unfinished_list_is_refused_naming_the_option():
+    with pytest.raises(PipelineError, match=r"^--model\.fsq_levels expects a list such as "
+                                            r"\[8, 5, 5\] or 8,5,5, got '\[8, 5'$"):
+        build_config(None, parse(["--model.fsq_levels", "[8, 5"]))
+
+
+@pytest.mark.parametrize("dotted, field, hint", LIST_FIELDS, ids=[d for d, _, _ in LIST_FIELDS])
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_lists_round_trip_through_every_written_form(dotted, field, hint, data):
+    """Any valid list of a list field, written as --help writes it, with commas or with
+    spaces, is read back as the same list (coercion only: cross-field rules aside)."""
+    inner = unwrap_optional(hint)[0]
+    elem, rule = element_type(inner), field.metadata["rule"]
+    length = len(typing.get_args(inner)) if typing.get_origin(inner) is tuple else None
+    good = good_scalars(elem, Rule(rule.bounds, rule.choices, nonempty=elem is str))
+    values = data.draw(st.lists(good, min_size=length or 1, max_size=length or 6))
+    expected = tuple(values) if length else values
+    section, name = dotted.split(".")
+    for text in (format_value(values), ",".join(map(str, values)), " ".join(map(str, values))):
+        parsed = get_dotted(from_dict(Config, {section: {name: text}}), dotted)
+        assert parsed == pytest.approx(expected) if elem is float else parsed == expected, text
+
+
+# ---------------------------------------------------------------- renamed fields
+
+def test_codebook_decay_is_read_under_its_old_name_everywhere(tmp_path):
+    assert build_config(None, parse(["--model.ema_decay", "0.5"])).model.codebook_decay == 0.5
+    preset = tmp_path / "old.yaml"
+    preset.write_text("model:\n  model: vqvae\n  ema_decay: 0.8\n")
+    assert build_config(str(preset), parse([])).model.codebook_decay == 0.8
+    later = build_config(str(preset), parse(["--model.codebook_decay", "0.3"]))
+    assert later.model.codebook_decay == 0.3  # the command line overrides either spelling
+    assert from_dict(ModelConfig, {"ema_decay": 0.7}).codebook_decay == 0.7
+    written = to_yaml(later)
+    assert "codebook_decay: 0.3" in written and "ema_decay" not in written.split("optim:")[0]
+    assert later.model.ema_decay == 0.3  # the old attribute name still reads it
+
+
+def test_both_spellings_with_different_values_are_refused():
+    with pytest.raises(PipelineError, match=r"config\.model sets both ema_decay and "
+                                            r"codebook_decay .*keep only codebook_decay"):
+        from_dict(Config, {"model": {"ema_decay": 0.7, "codebook_decay": 0.8}})
+    same = from_dict(Config, {"model": {"ema_decay": 0.7, "codebook_decay": 0.7}})
+    assert same.model.codebook_decay == 0.7
+
+
+def test_codebook_decay_is_distinct_from_the_weight_ema_decay():
+    cfg = build_config(None, parse(["--model.ema_decay", "0.5", "--optim.ema_decay", "0.9"]))
+    assert (cfg.model.codebook_decay, cfg.optim.ema_decay) == (0.5, 0.9)
+    assert build_config("vqvae", parse([])).model.codebook_decay == 0.99
+
+
+# ---------------------------------------------------------------- the preset rule
+
+def test_preset_rule_of_train_and_demo():
+    assert preset_for("ae") == "ae" and preset_for("vae", "resnet") == "resnet-vae"
+    assert preset_for("vqvae", "basic", prefix="demo") == "demo-vqvae"
+    assert preset_for("vqvae", "resnet", prefix="demo") == "demo-vqvae"
+    assert preset_for("ae", "resnet", prefix="no-such") == "resnet-ae"
+    assert preset_for("gan", "basic") is None
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_declared_model_and_arch_has_its_preset(model, arch):
+    name = preset_for(model, arch)
+    assert name is not None, f"no preset for --model {model} --arch {arch}"
+    cfg = build_config(name, parse([]))
+    assert (cfg.model.model, cfg.model.arch) == (model, arch)
+
+
+def test_config_imports_without_torch():
+    """`pipeline prepare` and its forkserver workers import the config, never torch: the
+    model names validation needs come from the torch-free catalogue."""
+    code = ("import argparse, json, sys\n"
+            "import pipeline.config as c\n"
+            "c.build_config('vqvae', argparse.Namespace())\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'pipeline') and not m.startswith('pipeline.config'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert json.loads(done.stdout) == ["pipeline", "pipeline.utils"]

@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 import pipeline.data as data
-from pipeline.data import ShardWarning, denormalize, make_loader, normalize
+from pipeline.data import ShardWarning, make_loader, normalize
 from pipeline.shards import (TarFormatError, iter_samples, read_manifest, write_manifest,
                              write_shard)
 from pipeline.utils import PipelineError
@@ -473,13 +474,67 @@ def test_persistent_eval_workers_keep_the_previous_pass_intact(shard_root):
         assert all(torch.equal(image, second[key]) for key, image in zip(keys[::2], images))
 
 
-def test_normalize_and_denormalize_round_trip():
-    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(2, 3, 16, 16)
-    y = normalize(x)
-    assert y.dtype == torch.float32 and y.min() == -1 and y.max() == 1
-    assert torch.equal(denormalize(y), x)
-    clamped = denormalize(torch.tensor([-3.0, 3.0]))
-    assert torch.equal(clamped, torch.tensor([0, 255], dtype=torch.uint8))
+def test_the_two_loaders_are_a_train_and_an_eval_stream_on_one_reader(shard_root):
+    train = data.make_train_loader(shard_root / "train", 8, num_workers=0, seed=3)
+    evaluation = data.make_eval_loader(shard_root / "val", 8, num_workers=0)
+    assert type(train.dataset) is data.TrainStream and type(evaluation.dataset) is data.EvalStream
+    assert all(isinstance(loader.dataset, data.ShardStream) for loader in (train, evaluation))
+    assert keys_of(take(train, 3)) == keys_of(take(make_loader(shard_root / "train", 8,
+                                                               num_workers=0, seed=3), 3))
+    assert keys_of(evaluation) == manifest_keys(shard_root / "val")
+
+
+@pytest.mark.parametrize("factory,option", [
+    ("make_eval_loader", "start_batch"), ("make_eval_loader", "sampling"),
+    ("make_eval_loader", "flip"), ("make_train_loader", "max_samples")])
+def test_each_loader_takes_only_the_options_that_apply_to_it(shard_root, factory, option):
+    make = getattr(data, factory)
+    with pytest.raises(TypeError, match=option):
+        make(shard_root / "val", 8, **{option: 1})
+
+
+@pytest.mark.parametrize("factory,kwargs,message", [
+    ("make_train_loader", dict(batch_size=0), "make_train_loader: batch_size must be >= 1, not 0"),
+    ("make_train_loader", dict(batch_size=2, interleave=0), "make_train_loader: interleave must"),
+    ("make_eval_loader", dict(batch_size=2, max_samples=0), "make_eval_loader: max_samples must"),
+    ("make_eval_loader", dict(batch_size=2, on_error="x"), "make_eval_loader: on_error must"),
+    # make_loader checks every option whatever the mode, as it always has.
+    ("make_loader", dict(batch_size=2, mode="eval", sampling="x"), "make_loader: sampling must"),
+])
+def test_loader_option_errors_name_the_function_called(shard_root, factory, kwargs, message):
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        getattr(data, factory)(shard_root / "val", **kwargs)
+
+
+def test_importing_the_loader_leaves_the_torchvision_fallback_for_first_use():
+    """With pyspng installed torchvision's decoder is a fallback: listed, but imported only
+    when called (it was half of the package's import time); the loader imports no
+    trainer or model code either."""
+    pytest.importorskip("pyspng")
+    pytest.importorskip("torchvision")
+    script = """
+import io, json, sys
+import numpy as np
+from PIL import Image
+import pipeline.data as data
+before = sorted(m for m in sys.modules if m.split(".")[0] in ("torchvision", "pipeline"))
+image = (np.arange(8 * 8 * 3) % 251).astype(np.uint8).reshape(8, 8, 3)
+png = io.BytesIO()
+Image.fromarray(image).save(png, format="PNG")
+decoded = data.PNG_DECODERS["torchvision"](png.getvalue())
+print(json.dumps({"before": before, "decoder": data.PNG_DECODER,
+                  "listed": list(data.PNG_DECODERS), "same": bool(np.array_equal(decoded, image)),
+                  "after": "torchvision.io" in sys.modules}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["decoder"] == "pyspng" and report["listed"] == ["pyspng", "torchvision", "pil"]
+    assert not [m for m in report["before"] if m.startswith("torchvision")]
+    assert not [m for m in report["before"] if m.startswith(("pipeline.train", "pipeline.models",
+                                                             "pipeline.checkpoint"))]
+    assert report["same"] and report["after"]
 
 
 # ---------------------------------------------------------------- real processes

@@ -505,3 +505,46 @@ def test_help_explains_every_option(capsys):
     for action in build_parser()._actions:
         assert action.help, action.dest
     assert "--inception-weights" in text and "--lpips-backbone" in text
+
+
+# ---------------------------------------------------------------- the options, the model's answers
+
+@pytest.mark.parametrize("name", KINDS)
+def test_resolved_options_are_saved_beside_metrics(evaluated, synthetic_shards, name):
+    import yaml
+
+    from pipeline.config import from_dict
+    from pipeline.evaluate import EvaluateConfig
+
+    saved = (evaluated / f"{name}-step7" / "evaluate.yaml").read_text()
+    cfg = from_dict(EvaluateConfig, yaml.safe_load(saved))
+    assert (cfg.shards, cfg.output) == (str(synthetic_shards / "val"), str(evaluated))
+    assert (cfg.batch_size, cfg.num_workers, cfg.throughput_batches) == (50, 0, 1)
+    assert cfg.vae_sigma == 0.05 and cfg.max_samples is None
+
+
+def test_bottleneck_figures_come_from_the_model(checkpoints):
+    """A model of kind "ae" that reports a KL, a rate and code indices gets them all into
+    the summary: evaluate asks the model instead of branching on its kind."""
+    from shardgen import synthetic_image
+
+    from pipeline.evaluate import Checkpoint, EvaluateConfig, Evaluation, summarize
+    from pipeline.models import from_pretrained
+
+    model = from_pretrained(checkpoints["ae"])
+    neck = model.bottleneck
+    neck.num_codes = 4
+    neck.kl_per_image = lambda stats: torch.full((3,), 2.0)
+    neck.rate_bits = lambda stats: torch.tensor([10.0, 20.0, 30.0])
+    neck.code_indices = lambda stats: torch.zeros(3, 2, 2, dtype=torch.long)
+    ckpt = Checkpoint(checkpoints["ae"], model, {}, "ae", 7)
+    evaluation = Evaluation(ckpt, 10, EvaluateConfig(), torch.device("cpu"), None, None)
+    images = torch.from_numpy(np.stack([synthetic_image(i, i) for i in range(3)]))
+    evaluation.add_batch(images.permute(0, 3, 1, 2), torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    totals = evaluation.sums.reduce(lambda flat: flat)
+    result = summarize(ckpt, totals, [], None, [f"c{i}" for i in range(10)], False)
+    assert model.kind == "ae"
+    assert result["kl"] == 2.0 and result["neg_elbo"] > result["kl"]
+    assert result["bits_per_image"] == pytest.approx(20.0)
+    assert result["codebook_usage"] == 25.0 and result["perplexity"] == pytest.approx(1.0)
+    assert totals["code_counts"].tolist() == [12.0, 0.0, 0.0, 0.0]

@@ -1,6 +1,6 @@
 """Exact epochs of the train loader, over generated shard sets, ranks x workers and resume points.
 
-Most examples drive the per-worker stream (`ShardStream._train_batches`) directly, which
+Most examples drive the per-worker stream (`TrainStream._train_batches`) directly, which
 is what a DataLoader worker runs; `rank_batches` plays the DataLoader's part (batch b
 from worker b % W). `test_simulated_ranks_match_real_worker_processes` checks that
 premise against real worker processes, and tests/test_data.py runs 2 ranks x 2 workers
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import pipeline.data as data
 from pipeline.data import make_loader, stream_segments
-from pipeline.shards import shard_name, write_manifest, write_shard
+from pipeline.shards import MANIFEST_FORMAT, shard_name, write_manifest, write_shard
 from pipeline.utils import PipelineError
 
 SIZE = 8  # pixels a side
@@ -59,7 +59,7 @@ def write_tiny_split(root: Path, counts: Sequence[int]) -> Path:
                                   "json": json.dumps({"wnid": "n0"}).encode()})
                    for j in range(count)]
         shards.append(write_shard(split / shard_name("train", i), samples).to_dict())
-    write_manifest(split, {"format": "ae-pipeline-shards/1", "split": "train",
+    write_manifest(split, {"format": MANIFEST_FORMAT, "split": "train",
                            "num_samples": sum(counts), "image_size": SIZE,
                            "image_format": "npy", "classes": ["n0", "n1", "n2"],
                            "shards": shards})

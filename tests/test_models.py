@@ -1,8 +1,11 @@
 """pipeline.models: shapes, the seed architecture, bottleneck maths, quantisers, exports."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,27 +13,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline.config import Config, LossConfig, ModelConfig
+from modelgen import case_id, model_cases, takes_quantizer, tiny_model_config
+from pipeline.config import (ARCHS, MODELS, QUANTIZERS, Config, LossConfig, ModelConfig,
+                             from_dict, weight_fields)
 from pipeline.models import (FSQ, VectorQuantizer, build_model, compute_loss, from_pretrained,
-                             kl_beta, list_models, read_export_config, save_pretrained)
+                             kl_beta, list_archs, list_kinds, list_models, list_quantizers,
+                             read_export_config, register_arch, register_model,
+                             register_quantizer, save_pretrained)
 from pipeline.models.bottleneck import GaussianBottleneck
 from pipeline.models.usage import CodeUsage
 from pipeline.utils import PipelineError
 
 PIXELS = 3 * 64 * 64
-CASES = [("ae", "basic", "vq"), ("ae", "resnet", "vq"), ("vae", "basic", "vq"),
-         ("vae", "resnet", "vq"), ("vqvae", "basic", "vq"), ("vqvae", "resnet", "vq"),
-         ("vqvae", "basic", "fsq"), ("vqvae", "resnet", "fsq")]
-
-
-def small_config(model: str = "ae", arch: str = "basic", quantizer: str = "vq",
-                 **overrides) -> ModelConfig:
-    """Tiny widths so that every model runs forward and backward in well under a second."""
-    fields = dict(model=model, arch=arch, quantizer=quantizer, widths=[16, 32, 64, 128],
-                  latent_channels=128 if (model, arch) == ("ae", "basic") else 8,
-                  channels=16, channel_mult=[1, 2, 2], num_res_blocks=1, num_groups=8,
-                  codebook_size=32, code_dim=8, fsq_levels=[8, 5, 5, 5], usage_window=4)
-    return ModelConfig(**{**fields, **overrides})
+CASES = model_cases()  # every (model, arch, quantizer) the registry builds
+CASE_IDS = [case_id(c) for c in CASES]
+# The shipped models, with the latent shapes and loss terms they are specified to have.
+SHIPPED_CASES = [("ae", "basic", "vq"), ("ae", "resnet", "vq"), ("vae", "basic", "vq"),
+                 ("vae", "resnet", "vq"), ("vqvae", "basic", "vq"), ("vqvae", "resnet", "vq"),
+                 ("vqvae", "basic", "fsq"), ("vqvae", "resnet", "fsq")]
 
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -42,11 +42,99 @@ def test_registry_lists_every_combination_and_names_valid_choices():
     assert list_models() == ["ae-basic", "ae-resnet", "vae-basic", "vae-resnet",
                              "vqvae-basic", "vqvae-resnet"]
     with pytest.raises(PipelineError, match="unknown --model 'gan'; choose one of ae, vae, vqvae"):
-        build_model(small_config(model="gan"))
+        build_model(tiny_model_config(model="gan"))
     with pytest.raises(PipelineError, match="unknown --arch 'vit'; choose one of basic, resnet"):
-        build_model(small_config(arch="vit"))
+        build_model(tiny_model_config(arch="vit"))
     with pytest.raises(PipelineError, match="latent_channels"):
-        build_model(small_config(latent_channels=7))  # basic AE latent must be widths[-1]
+        build_model(tiny_model_config(latent_channels=7))  # basic AE latent must be widths[-1]
+
+
+def test_registry_names_are_the_declared_ones():
+    """Config validation (torch-free) and the registry read names from one catalogue."""
+    assert list_archs() == sorted(ARCHS) == ["basic", "resnet"]
+    assert list_kinds() == sorted(MODELS) == ["ae", "vae", "vqvae"]
+    assert list_quantizers() == sorted(QUANTIZERS) == ["fsq", "vq"]
+    assert list_models() == [f"{m}-{a}" for m in list_kinds() for a in list_archs()]
+    with pytest.raises(PipelineError, match="unknown --model.quantizer 'rvq'; choose one of "
+                                            "fsq, vq"):
+        from pipeline.models import get_quantizer
+        get_quantizer("rvq")
+
+
+@pytest.mark.parametrize("register", [register_arch, register_model, register_quantizer])
+def test_registering_an_undeclared_name_fails_at_once(register):
+    with pytest.raises(ValueError, match=r"'unheard-of' is not declared: add it, with the "
+                                         r"config components it reads, to [A-Z_]+ in "
+                                         r"pipeline/config/model\.py"):
+        register("unheard-of")
+
+
+# ---------------------------------------------------------------- what a model says of itself
+
+LOGGED_USAGE = {"vq/usage", "vq/perplexity", "vq/usage_window", "vq/perplexity_window"}
+
+
+@pytest.mark.parametrize("model_name,arch,quantizer", CASES, ids=CASE_IDS)
+def test_model_answers_agree_with_its_forward_pass(model_name, arch, quantizer):
+    """The contract callers use instead of branching on names, for every registered model:
+    code indices iff a code alphabet, a constant rate h*w*log2(K) for codes, KL/ln 2 for a
+    posterior, no rate otherwise, and the usage statistics logged under vq/."""
+    model = build_model(tiny_model_config(model_name, arch, quantizer)).train()
+    out = model(images(3))
+    _, height, width = model.latent_shape
+    assert model.kind == model_name
+    assert model.quantizer_name == (quantizer if takes_quantizer(model_name) else None)
+    indices, rate = model.code_indices(out.stats), model.rate_bits(out.stats)
+    kl = model.kl_per_image(out.stats)
+    if model.num_codes is None:
+        assert indices is None and model.bits_per_image is None
+    else:
+        assert indices.shape == (3, height, width) and indices.dtype == torch.long
+        assert 0 <= indices.min() and indices.max() < model.num_codes
+        assert model.bits_per_image == pytest.approx(height * width * math.log2(model.num_codes))
+        assert rate.tolist() == [model.bits_per_image] * 3
+    if kl is not None:
+        assert kl.shape == (3,) and torch.equal(kl, out.stats["kl_per_image"])
+        assert torch.allclose(rate, kl.double() / math.log(2))
+    if model.num_codes is None and kl is None:
+        assert rate is None
+    logged = model.logged_stats(out.stats)
+    assert set(logged) == (LOGGED_USAGE if model.num_codes is not None else set())
+    for name, value in logged.items():
+        assert value.ndim == 0 and value.dtype == torch.float32 and not value.requires_grad
+        assert value.item() == pytest.approx(out.stats[name.removeprefix("vq/")].item())
+
+
+@pytest.mark.parametrize("model_name,quantizer,kind,quantizer_name,num_codes,has_prior", [
+    ("ae", "vq", "ae", None, None, False), ("vae", "fsq", "vae", None, None, True),
+    ("vqvae", "vq", "vqvae", "vq", 32, False), ("vqvae", "fsq", "vqvae", "fsq", 1000, False)])
+def test_shipped_models_name_their_kind_codes_and_prior(model_name, quantizer, kind,
+                                                        quantizer_name, num_codes, has_prior):
+    model = build_model(tiny_model_config(model_name, "basic", quantizer))
+    assert (model.kind, model.quantizer_name, model.num_codes, model.has_prior) == \
+        (kind, quantizer_name, num_codes, has_prior)
+
+
+def test_vae_rate_is_its_kl_in_bits_and_vq_rate_the_code_size():
+    vae = build_model(tiny_model_config("vae", "basic")).eval()
+    out = vae(images(2))
+    assert torch.allclose(vae.rate_bits(out.stats), out.stats["kl_per_image"].double() / math.log(2))
+    fsq = build_model(tiny_model_config("vqvae", "basic", "fsq"))
+    rate = fsq.rate_bits(fsq(images(2)).stats)
+    assert rate.dtype == torch.float64 and rate.tolist() == [fsq.bits_per_image] * 2
+    assert fsq.bits_per_image == pytest.approx(16 * math.log2(1000))
+
+
+@pytest.mark.parametrize("model_name,arch,quantizer", CASES, ids=CASE_IDS)
+def test_sample_works_exactly_when_the_model_has_a_prior(model_name, arch, quantizer):
+    model = build_model(tiny_model_config(model_name, arch, quantizer)).eval()
+    if model.has_prior:
+        with torch.no_grad():
+            samples = model.sample(2, generator=torch.Generator().manual_seed(0))
+        assert samples.shape == (2, 3, 64, 64) and torch.isfinite(samples).all()
+    else:
+        with pytest.raises(PipelineError, match="no prior to sample from"):
+            model.sample(2)
 
 
 # ---------------------------------------------------------------- shapes, forward, backward
@@ -56,26 +144,39 @@ EXPECTED_LATENT = {"ae": {"basic": (128, 4, 4), "resnet": (8, 16, 16)},
                    "vqvae": {"basic": (8, 4, 4), "resnet": (8, 16, 16)}}
 
 
-@pytest.mark.parametrize("model_name,arch,quantizer", CASES)
-def test_forward_backward_shapes(model_name, arch, quantizer):
+def trains_and_round_trips(model_name: str, arch: str, quantizer: str):
+    """A tiny model of the case after one training forward and backward on 4 images, with
+    what every model must do checked: shapes through encode/decode, the gradient reaching
+    the first conv, a finite loss."""
     torch.manual_seed(0)
-    model = build_model(small_config(model_name, arch, quantizer)).train()
+    model = build_model(tiny_model_config(model_name, arch, quantizer)).train()
     x = images()
     out = model(x)
     loss, parts = compute_loss(out, x, LossConfig(), step=0)
     loss.backward()
-
-    expected = EXPECTED_LATENT[model_name][arch]
-    if quantizer == "fsq":
-        expected = (4, *expected[1:])  # one channel per FSQ level
     assert out.recon.shape == x.shape
-    assert model.latent_shape == expected
-    assert model.encode(x).shape == (4, *expected)
+    assert model.encode(x).shape == (4, *model.latent_shape)
     assert model.decode(model.encode(x)).shape == x.shape
     assert model.kind == model_name and model.config.arch == arch
     first_conv = next(m for m in model.encoder.modules() if isinstance(m, nn.Conv2d))
     assert first_conv.weight.grad.abs().sum() > 0
     assert torch.isfinite(loss)
+    return model, out
+
+
+@pytest.mark.parametrize("model_name,arch,quantizer", CASES, ids=CASE_IDS)
+def test_every_registered_model_trains_and_round_trips_its_latent(model_name, arch, quantizer):
+    trains_and_round_trips(model_name, arch, quantizer)
+
+
+@pytest.mark.parametrize("model_name,arch,quantizer", SHIPPED_CASES,
+                         ids=[case_id(c) for c in SHIPPED_CASES])
+def test_forward_backward_shapes(model_name, arch, quantizer):
+    model, out = trains_and_round_trips(model_name, arch, quantizer)
+    expected = EXPECTED_LATENT[model_name][arch]
+    if quantizer == "fsq":
+        expected = (4, *expected[1:])  # one channel per FSQ level
+    assert model.latent_shape == expected
     expected_terms = {"ae": set(), "vae": {"kl"}, "vqvae": {"commitment"} if quantizer == "vq"
                       else set()}[model_name]
     assert set(out.terms) == expected_terms
@@ -93,7 +194,7 @@ def test_forward_backward_shapes(model_name, arch, quantizer):
 @pytest.mark.parametrize("downsample,mult", [(4, [1, 2, 2]), (8, [1, 1, 2, 2]),
                                              (16, [1, 1, 2, 2, 2])])
 def test_resnet_downsample_factors(downsample, mult):
-    model = build_model(small_config("ae", "resnet", downsample=downsample, channel_mult=mult,
+    model = build_model(tiny_model_config("ae", "resnet", downsample=downsample, channel_mult=mult,
                                      channels=8)).eval()
     with torch.no_grad():
         z = model.encode(images(2))
@@ -105,7 +206,7 @@ def test_resnet_downsample_factors(downsample, mult):
 
 def test_resnet_rejects_channel_mult_that_does_not_fit_downsample():
     with pytest.raises(PipelineError, match="channel_mult .* needs 4"):
-        build_model(small_config("ae", "resnet", downsample=8, channel_mult=[1, 2, 2]))
+        build_model(tiny_model_config("ae", "resnet", downsample=8, channel_mult=[1, 2, 2]))
 
 
 # ---------------------------------------------------------------- the seed architecture
@@ -159,14 +260,14 @@ def test_basic_ae_is_exactly_the_seed():
 
 
 def test_basic_vae_and_vq_add_only_1x1_heads():
-    vae = build_model(small_config("vae", "basic", latent_channels=6))
+    vae = build_model(tiny_model_config("vae", "basic", latent_channels=6))
     assert [describe(m) for m in vae.encoder] == (
         seed_layers("Conv2d", [3, 16, 32, 64, 128]) + [("Conv2d", 128, 12, (1, 1), (1, 1),
                                                         (0, 0))])
     assert [describe(m) for m in vae.decoder] == (
         [("Conv2d", 6, 128, (1, 1), (1, 1), (0, 0))]
         + seed_layers("ConvTranspose2d", [128, 64, 32, 16, 3]))
-    vq = build_model(small_config("vqvae", "basic", code_dim=5))
+    vq = build_model(tiny_model_config("vqvae", "basic", code_dim=5))
     assert describe(vq.encoder[-1]) == ("Conv2d", 128, 5, (1, 1), (1, 1), (0, 0))
     assert describe(vq.decoder[0]) == ("Conv2d", 5, 128, (1, 1), (1, 1), (0, 0))
 
@@ -190,7 +291,7 @@ def test_vae_kl_equals_closed_form_and_logvar_is_clamped():
 
 
 def test_vae_encode_is_mean_in_eval_and_a_sample_in_train():
-    model = build_model(small_config("vae", "basic"))
+    model = build_model(tiny_model_config("vae", "basic"))
     x = images(2)
     model.eval()
     with torch.no_grad():
@@ -204,20 +305,20 @@ def test_vae_encode_is_mean_in_eval_and_a_sample_in_train():
 
 
 def test_vae_sample_from_prior_and_others_refuse():
-    model = build_model(small_config("vae", "resnet")).eval()
+    model = build_model(tiny_model_config("vae", "resnet")).eval()
     with torch.no_grad():
         first = model.sample(3, generator=torch.Generator().manual_seed(0))
         again = model.sample(3, generator=torch.Generator().manual_seed(0))
     assert first.shape == (3, 3, 64, 64)
     assert torch.equal(first, again)
     with pytest.raises(PipelineError, match="only --model vae supports sample"):
-        build_model(small_config("ae", "basic")).sample(2)
+        build_model(tiny_model_config("ae", "basic")).sample(2)
 
 
 # ---------------------------------------------------------------- losses
 
 def test_compute_loss_parts_and_kl_convention():
-    model = build_model(small_config("vae", "basic")).train()
+    model = build_model(tiny_model_config("vae", "basic")).train()
     x = images(2)
     out = model(x)
     cfg = LossConfig(recon="mse", kl_weight=0.5, kl_warmup_steps=0)
@@ -245,15 +346,15 @@ def test_kl_warmup_ramps_linearly_then_holds():
 def test_compute_loss_weights_vq_terms():
     cfg = LossConfig(commitment_weight=0.25, codebook_weight=2.0)
     x = images(2)
-    ema = build_model(small_config("vqvae", "basic")).train()
+    ema = build_model(tiny_model_config("vqvae", "basic")).train()
     _, ema_parts = compute_loss(ema(x), x, cfg, step=0)
     assert set(ema_parts) == {"loss", "recon", "commitment"}
-    by_loss = build_model(small_config("vqvae", "basic", codebook_ema=False)).train()
+    by_loss = build_model(tiny_model_config("vqvae", "basic", codebook_ema=False)).train()
     loss, parts = compute_loss(by_loss(x), x, cfg, step=0)
     assert set(parts) == {"loss", "recon", "commitment", "codebook"}
     expected = parts["recon"] + 0.25 * parts["commitment"] + 2.0 * parts["codebook"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    fsq = build_model(small_config("vqvae", "basic", "fsq")).train()
+    fsq = build_model(tiny_model_config("vqvae", "basic", "fsq")).train()
     _, fsq_parts = compute_loss(fsq(x), x, cfg, step=0)
     assert set(fsq_parts) == {"loss", "recon"}
 
@@ -282,7 +383,7 @@ def as_latent(vectors: list[list[float]]) -> torch.Tensor:
 
 
 def test_vq_gradient_reaches_encoder_through_straight_through():
-    model = build_model(small_config("vqvae", "basic")).train()
+    model = build_model(tiny_model_config("vqvae", "basic")).train()
     x = images(2)
     out = model(x)
     # Only the reconstruction: the encoder can get this gradient through the code only
@@ -399,7 +500,7 @@ def test_usage_window_too_large_is_refused():
 def test_fsq_bits_grid_round_trip_and_gradients():
     levels = [8, 5, 5, 5]
     fsq = FSQ(levels)
-    model = build_model(small_config("vqvae", "basic", "fsq", fsq_levels=levels))
+    model = build_model(tiny_model_config("vqvae", "basic", "fsq", fsq_levels=levels))
     assert model.bits_per_image == pytest.approx(16 * math.log2(1000))
 
     z = torch.linspace(-6, 6, 500).repeat(4, 1).reshape(1, 4, 20, 25).requires_grad_()
@@ -439,7 +540,7 @@ def trained_once(model_cfg: ModelConfig) -> nn.Module:
                                                        ("vqvae", "resnet", "vq"),
                                                        ("vqvae", "basic", "fsq")])
 def test_save_and_load_round_trip(tmp_path, model_name, arch, quantizer):
-    model_cfg = small_config(model_name, arch, quantizer)
+    model_cfg = tiny_model_config(model_name, arch, quantizer)
     model = trained_once(model_cfg)
     config = Config(model=model_cfg)
     run_dir = tmp_path / "run-7"
@@ -466,7 +567,7 @@ def test_save_strips_wrapper_prefixes(tmp_path):
             super().__init__()
             self.module = module
 
-    model = trained_once(small_config("ae", "basic"))
+    model = trained_once(tiny_model_config("ae", "basic"))
     save_pretrained(Wrapper(model), tmp_path / "export", {"note": "plain dict"}, step=1)
     loaded = from_pretrained(tmp_path / "export")
     x = images(2)
@@ -480,7 +581,7 @@ def test_export_errors_name_the_file(tmp_path):
         from_pretrained(tmp_path / "nowhere")
 
     export = tmp_path / "export"
-    save_pretrained(trained_once(small_config("ae", "basic")), export, Config(), step=1)
+    save_pretrained(trained_once(tiny_model_config("ae", "basic")), export, Config(), step=1)
     config_text = (export / "config.json").read_text()
 
     (export / "model.safetensors").rename(tmp_path / "weights.bak")
@@ -504,7 +605,7 @@ def test_export_errors_name_the_file(tmp_path):
 
 def test_export_config_that_does_not_match_weights(tmp_path):
     export = tmp_path / "export"
-    save_pretrained(trained_once(small_config("ae", "basic")), export, Config(), step=1)
+    save_pretrained(trained_once(tiny_model_config("ae", "basic")), export, Config(), step=1)
     meta = json.loads((export / "config.json").read_text())
     meta["model"].update(widths=[16, 32, 64, 96], latent_channels=96)
     (export / "config.json").write_text(json.dumps(meta))
@@ -515,6 +616,89 @@ def test_export_config_that_does_not_match_weights(tmp_path):
            f"{export / 'model.safetensors'}" in message
     assert "shape mismatches encoder.9.weight: config (96, 64, 4, 4) vs weights " \
            "(128, 64, 4, 4)" in message
+
+
+# ---------------------------------------------------------------- which fields shape the weights
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def another_valid_value(f: dataclasses.Field, value):
+    """A different value of field `f` inside its declared range (the generic rule, so
+    a new field needs nothing here)."""
+    rule = f.metadata["rule"]
+    if isinstance(value, bool):
+        return not value
+    if rule.choices:
+        return next(c for c in rule.choices if c != value)
+    if isinstance(value, tuple):
+        return tuple(v - 1 for v in value)
+    if isinstance(value, list):
+        return value[:-1] if len(value) > 1 else value * 2
+    candidates = [value + 1, value / 2, value - 1] if isinstance(value, float) else \
+        [value + 1, value - 1]
+    return next(c for c in candidates if c in rule.bounds)
+
+
+@pytest.mark.parametrize("model_name,arch,quantizer", CASES, ids=CASE_IDS)
+def test_fields_outside_weight_fields_leave_the_weights_as_they_are(model_name, arch,
+                                                                    quantizer):
+    """Resume compares `weight_fields` only: every other field, changed, must build a
+    network with the same state dict (names and shapes)."""
+    cfg = tiny_model_config(model_name, arch, quantizer)
+    shapes = state_shapes(build_model(cfg))
+    others = [f for f in dataclasses.fields(ModelConfig) if f.name not in weight_fields(cfg)]
+    assert others  # every model ignores some field (the other family's, at least)
+    for f in others:
+        value = another_valid_value(f, getattr(cfg, f.name))
+        changed = dataclasses.replace(cfg, **{f.name: value})
+        assert weight_fields(changed) == weight_fields(cfg), f.name
+        assert state_shapes(build_model(changed)) == shapes, f.name
+
+
+def test_weight_fields_are_those_of_the_parts_in_use():
+    assert weight_fields(tiny_model_config("ae", "basic")) == [
+        "model", "arch", "image_size", "in_channels", "widths", "latent_channels"]
+    vq = weight_fields(tiny_model_config("vqvae", "resnet", "vq"))
+    assert vq == ["model", "arch", "image_size", "in_channels", "channels", "channel_mult",
+                  "num_res_blocks", "attention", "num_groups", "downsample", "quantizer",
+                  "codebook_size", "code_dim", "codebook_ema", "l2_normalize_codes"]
+    assert "fsq_levels" in weight_fields(tiny_model_config("vqvae", "basic", "fsq"))
+    assert "logvar_clamp" in weight_fields(tiny_model_config("vae", "basic"))
+
+
+# ---------------------------------------------------------------- exports of earlier versions
+
+# The "model" keys of an export config.json as written before the config was split into
+# components (the codebook's EMA decay was then spelt `ema_decay`).
+PRE_SPLIT_MODEL_KEYS = [
+    "model", "arch", "image_size", "in_channels", "widths", "channels", "channel_mult",
+    "num_res_blocks", "attention", "num_groups", "downsample", "latent_channels",
+    "logvar_clamp", "quantizer", "codebook_size", "code_dim", "codebook_ema", "ema_decay",
+    "l2_normalize_codes", "dead_code_threshold", "usage_window", "fsq_levels"]
+
+
+def test_export_written_before_the_split_loads(tmp_path):
+    cfg = tiny_model_config("vqvae", "basic", codebook_decay=0.9)
+    model = trained_once(cfg)
+    export = tmp_path / "export"
+    save_pretrained(model, export, Config(model=cfg), step=3)
+    meta = json.loads((export / "config.json").read_text())
+    current = meta["model"]
+    old = {key: current["codebook_decay" if key == "ema_decay" else key]
+           for key in PRE_SPLIT_MODEL_KEYS}
+    meta["model"] = old
+    meta["config"]["model"] = old
+    (export / "config.json").write_text(json.dumps(meta))
+
+    loaded = from_pretrained(export)
+    assert loaded.config == cfg and loaded.config.codebook_decay == 0.9
+    assert loaded.config.ema_decay == 0.9  # the old attribute name reads the new field
+    x = images(2, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).recon, model(x).recon)
+    assert from_dict(Config, read_export_config(export)["config"]).model == cfg
 
 
 # ---------------------------------------------------------------- DDP codebook sync
@@ -550,3 +734,13 @@ def assert_same_on_both_ranks(vq: VectorQuantizer) -> None:
 
 def test_vq_codebook_identical_across_two_ddp_ranks(tmp_path):
     mp.spawn(_ddp_codebook_worker, args=(str(tmp_path / "rendezvous"),), nprocs=2, join=True)
+
+
+def test_models_import_neither_data_nor_trainer_code():
+    code = ("import json, sys\n"
+            "import pipeline.models\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('pipeline.'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    stages = {name.split(".")[1] for name in json.loads(done.stdout)}
+    assert stages <= {"config", "models", "utils"}, stages

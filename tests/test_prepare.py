@@ -18,8 +18,9 @@ import pytest
 from PIL import Image, ImageCms
 
 from pipeline import inputs, prepare as prep
+from pipeline.bench.jpegs import write_benchmark_jpegs
 from pipeline.cli import run_stage
-from pipeline.sample import write_benchmark_jpegs, write_sample_tree
+from pipeline.sampledata import write_sample_tree
 from pipeline.utils import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +241,7 @@ def test_reduced_jpeg_decode_stays_close_to_the_full_decode(benchmark_jpegs, mon
     # 46-50 dB at 1/2; the thresholds also catch a crop box scaled by the ratio of the
     # decoded to the full size instead of the DCT scale (30-34 dB at 1/4, ~36 dB at 1/2).
     if not fast_decoder:
-        monkeypatch.setattr(prep, "simplejpeg", None)
+        monkeypatch.setattr(prep.image, "simplejpeg", None)
     elif prep.simplejpeg is None:
         pytest.skip("simplejpeg not installed")
     options = prep.Options(resize=policy, decode_oversampling=oversampling)
@@ -392,7 +393,7 @@ def test_default_workers_are_the_cores_this_process_may_use(sample_root, tmp_pat
         seen.append(workers)
         return real(1)
 
-    monkeypatch.setattr(prep, "executor", spy)
+    monkeypatch.setattr(prep.run, "executor", spy)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     prep.prepare(sample_root, tmp_path, ["val"], progress=False)
     assert seen == [3]

@@ -102,8 +102,8 @@ def test_a_chunk_that_is_not_exactly_its_planned_inputs_is_refused(tmp_path, mon
             if damage == "send a chunk twice" and (result.shard, result.chunk) == (1, 0):
                 yield result
 
-    monkeypatch.setattr(prep, "sample_members", stand_in_members)
-    monkeypatch.setattr(prep, "executor", lambda workers: _yielding(doubled))
+    monkeypatch.setattr(prep.pool, "sample_members", stand_in_members)
+    monkeypatch.setattr(prep.run, "executor", lambda workers: _yielding(doubled))
     with pytest.raises(PipelineError, match="train-000001.tar: chunk") as info:
         prep.prepare(root, tmp_path / "out", ["train"], prep.Options(shard_size=40),
                      workers=1, progress=False)
@@ -340,10 +340,10 @@ def check_exactly_once(tree: Tree, case: Case, split_dir: Path) -> None:
 @settings(max_examples=50, deadline=None, database=None)
 def test_any_job_writes_each_input_once_and_parts_merge_to_the_one_machine_run(case):
     with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prep, "sample_members", stand_in_members)
+        mp.setattr(prep.pool, "sample_members", stand_in_members)
         mp.setattr(os, "fsync", lambda fd: None)  # durability is not what this checks
-        mp.setattr(prep, "provenance", lambda: {"git_commit": None, "versions": {}})
-        mp.setattr(prep, "executor", simulated_pool)
+        mp.setattr(prep.manifest, "provenance", lambda: {"git_commit": None, "versions": {}})
+        mp.setattr(prep.run, "executor", simulated_pool)
         base = Path(tmp)
         tree = make_tree(base, case)
         reference = base / "one"

@@ -229,7 +229,7 @@ def test_sigint_in_a_one_worker_job_exits_75_and_is_no_failed_input(tmp_path, ca
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after three chunks
         return real(task)
 
-    monkeypatch.setattr(prep, "process_chunk", interrupted)
+    monkeypatch.setattr(prep.pool, "process_chunk", interrupted)
     try:
         code = prep.main(args(root, out, "--shard-size", "4"))
     except KeyboardInterrupt:
@@ -333,7 +333,7 @@ def test_a_manifest_that_cannot_be_written_leaves_no_failures_list_behind(tmp_pa
     def refuse(split_dir, manifest):
         raise OSError(code, os.strerror(code), str(split_dir / "manifest.json"))
 
-    monkeypatch.setattr(prep, "write_manifest", refuse)
+    monkeypatch.setattr(prep.manifest, "write_manifest", refuse)
     assert run_stage(prep.main, args(root, out)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and os.strerror(code) in err and "manifest.json" in err

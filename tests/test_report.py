@@ -8,6 +8,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline import report
+from pipeline import layout, report
 from pipeline.cli import main as cli_main
 from pipeline.utils import PipelineError
 from reportgen import make_comparison, write_checkpoint, write_history
@@ -440,6 +444,69 @@ def test_wandb_offline_logs_table_and_artifact(comparison, tmp_path, monkeypatch
     run_file = next(run_dir.glob("run-*.wandb")).read_bytes()
     for logged in (b"report.html", b"report.md", b"assets/rate-distortion.png"):
         assert logged in run_file  # the artifact's manifest, recorded in the offline run
+
+
+# ---------------------------------------------------------------- structure: one reader, files only
+
+# A history.jsonl line and what the trainer's reader must make of it: a record (its step),
+# an unreadable line (None), or nothing at all (a blank line, "skip").
+HISTORY_LINES = st.one_of(
+    st.integers(0, 10**9).map(lambda s: (json.dumps({"step": s, "train/loss": 0.5}), s)),
+    st.floats(allow_nan=False, allow_infinity=False).map(
+        lambda s: (json.dumps({"step": s, "train/loss": 0.5}), None)),  # 3.0 is no step either
+    st.integers(max_value=-1).map(lambda s: (json.dumps({"step": s}), None)),
+    st.sampled_from([('{"step": true}', None), ('{"step": "7"}', None), ('{"loss": 1}', None),
+                     ("[1, 2]", None), ('{"step": 110, "train/lo', None), ("", "skip"),
+                     ("   ", "skip")]),
+)
+
+
+@given(st.lists(HISTORY_LINES, max_size=30))
+def test_history_lines_are_read_as_the_trainer_reads_them(lines):
+    """The report reads a run's log with `pipeline.layout.read_history`, the trainer's reader:
+    a record needs an integer step >= 0 (the report accepted any finite number before), and
+    every other non-blank line is counted as unreadable."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        (run_dir / layout.HISTORY_NAME).write_text("\n".join(text for text, _ in lines) + "\n")
+        checkpoint = report.Checkpoint(Path(tmp) / "eval" / "metrics.json",
+                                       {"name": "x", "run_dir": str(run_dir)}, 0)
+        (run,) = report.group_runs([checkpoint])
+    expected_steps = [step for _, step in lines if isinstance(step, int)]
+    assert Counter(r["step"] for r in run.history) == Counter(expected_steps)
+    assert run.bad_lines == sum(1 for _, step in lines if step is None)
+
+
+FORBIDDEN_IN_REPORT = ("torch", "torchvision", "accelerate", "webdataset", "safetensors",
+                       "pipeline.models", "pipeline.data", "pipeline.train",
+                       "pipeline.evaluate", "pipeline.checkpoint", "pipeline.metrics",
+                       "pipeline.prepare", "pipeline.config")
+
+
+def test_python_m_pipeline_report_reads_files_only(comparison, tmp_path):
+    """`python -m pipeline.report` works, and a whole report imports no torch, model, data,
+    trainer or evaluator code: it can be built where none of them is installed."""
+    probe = (
+        "import json, runpy, sys\n"
+        f"sys.argv = ['pipeline.report', {str(comparison['eval'])!r}, '--output', "
+        f"{str(tmp_path / 'out')!r}]\n"
+        "try:\n"
+        "    runpy.run_module('pipeline.report', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        f"forbidden = {FORBIDDEN_IN_REPORT!r}\n"
+        "loaded = sorted(m for m in sys.modules if m in forbidden or m.startswith("
+        "tuple(f + '.' for f in forbidden)))\n"
+        "print(json.dumps({'code': code, 'loaded': loaded}))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"code": 0, "loaded": []}
+    assert lines[-2] == str(tmp_path / "out" / "report.html")
+    assert (tmp_path / "out" / "report.md").is_file()
+    assert report.COLUMNS is layout.METRIC_COLUMNS  # one table of metric columns
 
 
 # ---------------------------------------------------------------- headless browser

@@ -1,4 +1,5 @@
-"""The embedded sample tree and the benchmark JPEGs (`pipeline.sample`)."""
+"""The embedded sample tree (`pipeline.sampledata`, formerly `pipeline.sample`) and the
+benchmark JPEGs (`pipeline.bench.jpegs`)."""
 from __future__ import annotations
 
 import csv
@@ -289,3 +290,21 @@ def test_python_m_prints_a_clean_error():
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --classes must be between 1 and 10 (the sample "
                                      "has 10 drawn classes), got 99")
+
+
+# ---------------------------------------------------------------- module names
+
+def test_the_old_module_name_keeps_every_name_and_the_stage_runs_the_new_one():
+    from pipeline import cli, sampledata
+    from pipeline.bench import jpegs
+
+    assert sample.write_sample_tree is sampledata.write_sample_tree
+    assert sample.main is sampledata.main and sample.CLASSES is sampledata.CLASSES
+    assert sample.write_benchmark_jpegs is jpegs.write_benchmark_jpegs
+    assert sample.TextureBank is jpegs.TextureBank
+    assert all(hasattr(sample, name) for name in sampledata.__all__)
+    assert cli.STAGES["sample"][0] == "pipeline.sampledata"
+    result = subprocess.run([sys.executable, "-m", "pipeline.sampledata", "--output", "unused",
+                             "--benchmark-jpegs", "0"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --benchmark-jpegs must be at least 1, got 0"

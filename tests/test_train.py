@@ -22,6 +22,7 @@ from accelerate.utils import is_tensorboard_available
 from safetensors.torch import load_file
 
 from pipeline import train
+from pipeline.train import loop as train_loop  # where the loop looks its helpers up
 from pipeline.bench import train as bench_train
 from pipeline.checkpoint import COMPLETE_MARKER, latest_checkpoint, resolve_resume
 from pipeline.config import OptimConfig, list_presets
@@ -231,7 +232,7 @@ def test_resume_path_must_be_complete(tmp_path):
 
 def poison(monkeypatch, steps: set[int]) -> None:
     """Make the training KL term NaN at the given steps (validation stays finite)."""
-    real = train.compute_loss
+    real = train_loop.compute_loss
 
     def compute_loss(out, x, loss_cfg, step):
         loss, parts = real(out, x, loss_cfg, step)
@@ -240,7 +241,7 @@ def poison(monkeypatch, steps: set[int]) -> None:
             loss = loss + parts["kl"]
         return loss, parts
 
-    monkeypatch.setattr(train, "compute_loss", compute_loss)
+    monkeypatch.setattr(train_loop, "compute_loss", compute_loss)
 
 
 def test_nonfinite_loss_stops_naming_step_and_term(monkeypatch, synthetic_shards, tmp_path):
@@ -299,14 +300,14 @@ def test_sigterm_checkpoints_exits_75_and_resumes_same_wandb_run(synthetic_shard
 
 def test_stop_flag_agreed_at_next_step(synthetic_shards, tmp_path, monkeypatch):
     """A signal raised inside a step stops the run at that step (in-process, SIGUSR1)."""
-    real = train.forward_backward
+    real = train_loop.forward_backward
 
     def forward_backward(run, batches, window, step):
         if step == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
         return real(run, batches, window, step)
 
-    monkeypatch.setattr(train, "forward_backward", forward_backward)
+    monkeypatch.setattr(train_loop, "forward_backward", forward_backward)
     run = tmp_path / "run"
     assert train.main(args_for(synthetic_shards, run, "ae", 50)) == train.EXIT_PREEMPTED
     assert latest_checkpoint(run).name == "step-2"

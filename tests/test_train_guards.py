@@ -20,6 +20,7 @@ import torch
 
 from pipeline import checkpoint as ckpt
 from pipeline import train
+from pipeline.train import cli as train_cli, loop as train_loop  # where names are looked up
 from pipeline.cli import run_stage
 from pipeline.locking import acquire, holder_of
 from pipeline.tracking import read_history
@@ -157,7 +158,7 @@ def test_second_trainer_on_the_same_run_dir_is_refused(synthetic_shards, tmp_pat
 def test_lock_taken_after_preflight_still_refuses(synthetic_shards, tmp_path, monkeypatch):
     """The race preflight cannot close: the lock itself (taken before anything is
     written) refuses the second job."""
-    monkeypatch.setattr(train, "refuse_if_locked", lambda run_dir: None)
+    monkeypatch.setattr(train_cli, "refuse_if_locked", lambda run_dir: None)
     run = tmp_path / "run"
     with acquire(run / ".lock", f"--output {run}"):
         with pytest.raises(PipelineError, match=rf"in use by another job: pid {os.getpid()} on "
@@ -303,6 +304,19 @@ def test_damaged_newest_checkpoint_auto_falls_back_explicit_refuses(run4, synthe
     ckpt.verify_checkpoint(run / "checkpoints" / "step-4")  # rewritten when step 4 came again
 
 
+def test_ae_run_resumes_although_an_irrelevant_codebook_size_changed(run4, synthetic_shards,
+                                                                      tmp_path):
+    """`--model.codebook_size` shapes no weight of an AE: resume continues the run (the
+    model check compares only the fields that shape the weights)."""
+    run = tmp_path / "run"
+    shutil.copytree(run4, run)
+    shards = (synthetic_shards / "train", synthetic_shards / "val")
+    assert train.main(args_for(*shards, run, 5, "--resume", "auto", "--log-every", "1",
+                               "--model.codebook_size", "1024")) == 0
+    assert [h["step"] for h in read_history(run)] == [0, 1, 2, 3, 4, 5]
+    assert json.loads((run / "model" / "config.json").read_text())["step"] == 5
+
+
 def test_previous_format_checkpoints_are_refused(run4, synthetic_shards, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run4, run)
@@ -328,13 +342,13 @@ def test_fractional_epoch_is_logged(run4):
 
 def test_sampling_options_reach_the_loader(synthetic_shards, tmp_path, monkeypatch):
     seen = []
-    real = train.make_loader
+    real = train_loop.make_loader
 
     def make_loader(*args, **kwargs):
         seen.append({k: kwargs.get(k) for k in ("mode", "sampling", "interleave")})
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "make_loader", make_loader)
+    monkeypatch.setattr(train_loop, "make_loader", make_loader)
     run = tmp_path / "run"
     assert train.main(args_for(synthetic_shards / "train", synthetic_shards / "val", run, 2,
                                "--data.sampling", "resampled", "--data.interleave", "2",

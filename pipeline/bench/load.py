@@ -6,7 +6,7 @@ is visible next to the bare decode rate:
   read            the lean tar reader alone (no decode)
   read+decode     lean reader + decode, one process
   webdataset      webdataset's generic tarfile pipeline + the same decode, one process
-  loader 1w       make_loader(mode="train") with 1 worker: shuffle buffer, batching, IPC
+  loader 1w       make_train_loader with 1 worker: shuffle buffer, batching, IPC
   loader 2w       the same with 2 workers (total and per worker)
 Both loader stages run twice: with exact epochs (the default, `--interleave` shards
 mixed per stream) and with sampling="resampled" (shards drawn per stream, the earlier
@@ -33,8 +33,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import prepare
-from pipeline.data import PNG_DECODER, decode_image, make_loader, open_shard, resolve_spec
-from pipeline.shards import iter_samples, shard_name, write_manifest, write_shard
+from pipeline.data import PNG_DECODER, decode_image, make_train_loader, open_shard, resolve_spec
+from pipeline.shards import (IMAGE_EXTS, MANIFEST_FORMAT, iter_samples, shard_name,
+                             write_manifest, write_shard)
 from pipeline.utils import PipelineError, available_cpus, dumps_json
 
 # What the issue asks of the loader, per worker process.
@@ -66,7 +67,7 @@ def write_bench_shards(root: Path, fmt: str, num_samples: int, shard_size: int =
                                        "json": json.dumps({"wnid": f"n{i % 10:08d}"}).encode()})
                    for i in range(start, min(start + shard_size, num_samples)))
         shards.append(write_shard(split / shard_name("bench", index), samples).to_dict())
-    write_manifest(split, {"format": "ae-pipeline-shards/1", "split": "bench",
+    write_manifest(split, {"format": MANIFEST_FORMAT, "split": "bench",
                            "num_samples": num_samples, "image_size": 64, "image_format": fmt,
                            "classes": [f"n{i:08d}" for i in range(10)], "shards": shards})
     return split
@@ -106,8 +107,8 @@ class LoaderRun(NamedTuple):
 def loader_run(spec: str, num_workers: int, num_samples: int, batch_size: int,
                **sampling: Any) -> LoaderRun:
     """Train-mode samples/s after the first batch (worker start-up is not throughput)."""
-    batches = iter(make_loader(spec, batch_size, mode="train", num_workers=num_workers, seed=0,
-                               **sampling))
+    batches = iter(make_train_loader(spec, batch_size, num_workers=num_workers, seed=0,
+                                     **sampling))
     keys = [next(batches)[2]]
     count, start = 0, time.perf_counter()
     for images, _, batch_keys in batches:
@@ -133,7 +134,7 @@ def measure(spec: str, num_samples: int, batch_size: int, interleave: int,
             progress: tqdm) -> dict:
     urls = list(resolve_spec(spec, allow_pipe=True).urls)
     in_memory = [members for _, members in itertools.islice(lean_samples(urls), 1000)]
-    fmt = next(ext for ext in ("png", "npy", "webp", "jpg") if ext in in_memory[0])
+    fmt = next(ext for ext in IMAGE_EXTS if ext in in_memory[0])
     exact = {"sampling": "exact", "interleave": interleave}
     resampled = {"sampling": "resampled"}
     stages: dict[str, Callable[[], float | LoaderRun]] = {

@@ -8,7 +8,7 @@ and the pool start-up is reported on its own. The job's output is compared with 
 baseline's (PSNR), since reduced (DCT-scaled) decoding is where its speed comes from.
 
 Inputs: ImageNet-like JPEGs (470x400, ~110 KB of detailed texture) from
-`pipeline.sample.write_benchmark_jpegs`, cached in a temp directory between runs, or
+`pipeline.bench.jpegs.write_benchmark_jpegs`, cached in a temp directory between runs, or
 `--input DIR` of real JPEGs.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 
 from .. import inputs, prepare as prep
-from ..sample import write_benchmark_jpegs
 from ..shards import shard_name, write_shard
 from ..utils import PipelineError, available_cpus, dumps_json
+from .jpegs import write_benchmark_jpegs
 
 BENCH_CLASS = "n00000000"  # the job needs a class folder; one class is enough to time it
 TARGETS = {"per_core_ratio": 1.6, "scaling_2_vs_1": 1.8, "psnr_min_db": 35.0}

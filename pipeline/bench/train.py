@@ -1,10 +1,11 @@
 """`pipeline bench train`: training-step throughput (images/s) per model x arch.
 
-Each combination is built from its preset (`ae`, `vae`, `vqvae`; `resnet-<model>` for the
-resnet family, or `--preset` for all), then timed on random images already on the device,
-so the figure is the model's step cost alone (forward, loss, backward, AdamW step), without
-the loader. On CUDA the step runs under bf16 autocast, as `--mixed-precision bf16` would.
-The first `--warmup` steps (allocator, cuDNN autotuning, compilation) are not timed.
+Each combination is built from its preset (the one `pipeline train` picks: `<model>`,
+`resnet-<model>` for the resnet family; or `--preset` for all), then timed on random
+images already on the device, so the figure is the model's step cost alone (forward,
+loss, backward, AdamW step), without the loader. On CUDA the step runs under bf16
+autocast, as `--mixed-precision bf16` would. The first `--warmup` steps (allocator,
+cuDNN autotuning, compilation) are not timed.
 """
 from __future__ import annotations
 
@@ -14,18 +15,19 @@ import time
 
 import torch
 
-from pipeline.config import ARCHS, MODELS, Config, build_config, list_presets
-from pipeline.models import build_model, compute_loss
+from pipeline.config import Config, build_config, list_presets, preset_for
+from pipeline.models import build_model, compute_loss, list_archs, list_kinds
 from pipeline.utils import PipelineError, available_cpus, dumps_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pipeline bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS),
-                   help="comma-separated models to time (default: ae,vae,vqvae)")
-    p.add_argument("--archs", default=",".join(ARCHS),
-                   help="comma-separated architecture families (default: basic,resnet)")
+    p.add_argument("--models", default=",".join(list_kinds()),
+                   help=f"comma-separated models to time (default: {','.join(list_kinds())})")
+    p.add_argument("--archs", default=",".join(list_archs()),
+                   help=f"comma-separated architecture families (default: "
+                        f"{','.join(list_archs())})")
     p.add_argument("--preset", default=None,
                    help="one preset for every combination (e.g. `debug`); default: each "
                         "model's own preset")
@@ -41,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_for(model: str, arch: str, preset: str | None) -> Config:
-    name = preset or (model if arch == "basic" else f"{arch}-{model}")
+    name = preset or preset_for(model, arch)
     if name not in list_presets():
-        raise PipelineError(f"--preset {name!r} does not exist; presets: "
-                            f"{', '.join(list_presets())}")
+        raise PipelineError(f"--preset {(name or f'{arch}-{model}')!r} does not exist; "
+                            f"presets: {', '.join(list_presets())}")
     args = argparse.Namespace(**{"model.model": model, "model.arch": arch})
     return build_config(name, args)
 
@@ -81,7 +83,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def split_names(text: str, valid: tuple[str, ...], option: str) -> list[str]:
+def split_names(text: str, valid: list[str], option: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = sorted(set(names) - set(valid))
     if unknown or not names:
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
         raise PipelineError("--steps and --batch-size must be >= 1, --warmup >= 0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = split_names(args.models, MODELS, "--models")
-    archs = split_names(args.archs, ARCHS, "--archs")
+    models = split_names(args.models, list_kinds(), "--models")
+    archs = split_names(args.archs, list_archs(), "--archs")
     results = []
     for arch in archs:
         for model in models:

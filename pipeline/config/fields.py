@@ -159,10 +159,12 @@ class FieldValueError(PipelineError):
 
 
 def from_dict(cls, data: dict[str, Any] | None, where: str = "config"):
-    """Build dataclass `cls` from a (possibly partial) dict; unknown keys are an error."""
+    """Build dataclass `cls` from a (possibly partial) dict; unknown keys are an error,
+    old names of renamed fields (`cls.RENAMED`) are read as their current ones."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise PipelineError(f"{where} must be a mapping of field: value, got {data!r}")
+    data = current_names(cls, data, where)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(data) - known))
@@ -179,6 +181,38 @@ def from_dict(cls, data: dict[str, Any] | None, where: str = "config"):
     return cls(**kwargs)
 
 
+def current_names(cls, data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """`data` with the old spelling of every renamed field of `cls` and of its sections
+    (a config class's `RENAMED = {old: new}`) replaced by the current one. Both spellings
+    with different values in the same mapping is an error naming both."""
+    if not isinstance(data, dict):
+        return data  # from_dict says what is wrong with it
+    out = dict(data)
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if new in out and out[new] != value:
+            raise PipelineError(f"{where} sets both {old} and {new} ({old} is the old name of "
+                                f"{new}); keep only {new}")
+        out[new] = value
+    for name, section in sections(cls):
+        if isinstance(out.get(name), dict):
+            out[name] = current_names(section, out[name], f"{where}.{name}")
+    return out
+
+
+def renamed_options(cls: type) -> dict[str, list[str]]:
+    """Current dotted field -> its old dotted spellings, over `cls` and its sections."""
+    pairs = [(old, new) for old, new in getattr(cls, "RENAMED", {}).items()]
+    pairs += [(f"{name}.{old}", f"{name}.{new}") for name, section in sections(cls)
+              for old, new in getattr(section, "RENAMED", {}).items()]
+    out: dict[str, list[str]] = {}
+    for old, new in pairs:
+        out.setdefault(new, []).append(old)
+    return out
+
+
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
                "0": False, "false": False, "no": False, "off": False}
 
@@ -191,12 +225,35 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return None  # only optional fields may be unset: validate says so otherwise
     if typing.get_origin(inner) in (list, tuple):
         if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
+            value = _split_list(value, where)
         if not isinstance(value, (list, tuple)):
             raise FieldValueError(where, f"expects a list, got {value!r}")
         out = [_coerce(v, element_type(inner), where) for v in value]
         return tuple(out) if typing.get_origin(inner) is tuple else out
     return _coerce_scalar(value, inner, where)
+
+
+def _split_list(text: str, where: str) -> list[Any]:
+    """A list typed as text: `8,5,5,5`, `8 5 5 5`, or `[8, 5, 5, 5]` (YAML/JSON, the form
+    --help shows defaults in). The elements stay strings, coerced like any typed value."""
+    if not text.lstrip().startswith("["):
+        return [v for v in text.replace(",", " ").split() if v]
+    try:
+        # BaseLoader: every scalar a string, so `[yes]` is the word, not a boolean.
+        value = yaml.load(text, Loader=yaml.BaseLoader)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, list):
+        raise FieldValueError(where, f"expects a list such as [8, 5, 5] or 8,5,5, got {text!r}")
+    return value
+
+
+def format_value(value: Any) -> str:
+    """A value as the command line takes it back: lists and tuples in YAML flow form
+    (`[8, 8, 8, 6, 5]`), anything else as str()."""
+    if isinstance(value, (list, tuple)):
+        return yaml.safe_dump(_plain(value), default_flow_style=True, width=math.inf).strip()
+    return str(value)
 
 
 def _coerce_scalar(value: Any, hint: Any, where: str) -> Any:
@@ -288,17 +345,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, aliases: dict[str, str
     config class `cls` (the training `Config` by default), plus short aliases.
 
     `aliases` maps a short flag (e.g. ``--max-steps``) to a dotted path
-    (``train.max_steps``). Values are kept as strings and coerced by `from_dict`.
+    (``train.max_steps``). The old spelling of a renamed field (`RENAMED`) is an option
+    too. Values are kept as strings and coerced by `from_dict`; defaults are shown in a
+    form the option takes back (`format_value`).
     """
     group = parser.add_argument_group(title)
+    renamed = renamed_options(cls or _training_config())
     for dotted, f, _hint in config_fields(cls):
-        flags = [f"--{dotted}"] + [a for a, d in aliases.items() if d == dotted]
+        old_spellings = [f"--{old}" for old in renamed.get(dotted, [])]
+        flags = [f"--{dotted}"] + [a for a, d in aliases.items() if d == dotted] + old_spellings
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f.metadata.get("help", "")
         bounds = f.metadata["rule"].bounds
         valid = f"; {bounds.describe()}" if bounds else ""
+        shown = format_value(default)
         group.add_argument(*flags, dest=dotted, default=None, metavar="V",
-                           help=f"{text} (default: {default}{valid})".replace("%", "%%"))
+                           help=f"{text} (default: {shown}{valid})".replace("%", "%%"))
 
 
 def build_config(preset: str | None, args: argparse.Namespace,
@@ -309,9 +371,10 @@ def build_config(preset: str | None, args: argparse.Namespace,
     -> dotted field; the training ones by default) let messages name the flag typed."""
     cls = cls or _training_config()
     aliases = _training_aliases() if aliases is None else aliases
-    data = merge({}, defaults or {})
+    # Old spellings become current ones per layer, so a later layer overrides either.
+    data = current_names(cls, merge({}, defaults or {}))
     if preset:
-        data = merge(data, load_preset(preset))
+        data = merge(data, current_names(cls, load_preset(preset), f"config {preset}"))
     known = {dotted for dotted, _, _ in config_fields(cls)}
     for key, value in vars(args).items():
         if key in known and value is not None:

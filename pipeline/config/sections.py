@@ -9,21 +9,19 @@ or ``--optim.lr 3e-4``; the common ones also have short aliases (``--model``,
 
 Every field declares its valid values next to its default (`opt(..., bounds="(0, inf)")`,
 `choices=...`, `nonempty=True`; see `pipeline.config.fields`); `Config.check` adds the few
-rules that relate several fields (latent side, widths vs latent channels, ...).
+rules that relate several fields (latent side, widths vs latent channels, ...: the model
+section's own, `ModelConfig.check`). The model section is composed of per-component
+classes in `pipeline.config.model`.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..utils import PipelineError
 from .fields import opt, require_declared
+from .model import ARCHS, MODELS, QUANTIZERS, ModelConfig  # noqa: F401  (re-exported)
 
-MODELS = ("ae", "vae", "vqvae")
-ARCHS = ("basic", "resnet")
-QUANTIZERS = ("vq", "fsq")
 SAMPLINGS = ("exact", "resampled")
 SEED_MAX = 2**32 - 1  # numpy's global seed (set_seed) takes [0, 2**32)
 
@@ -43,55 +41,6 @@ ALIASES = {
     "--entity": "tracker.entity", "--run-name": "tracker.run_name",
     "--group": "tracker.group", "--tags": "tracker.tags",
 }
-
-
-@require_declared
-@dataclass
-class ModelConfig:
-    """What the network is. Saved with every export; `from_pretrained` rebuilds from it."""
-    model: str = opt("ae", "bottleneck: ae | vae | vqvae", choices=MODELS)
-    arch: str = opt("basic", "encoder/decoder family: basic (the seed) | resnet", choices=ARCHS)
-    image_size: int = opt(64, "image side in pixels (the shards' image_size)",
-                          bounds="[8, 1024]")
-    in_channels: int = opt(3, "image channels (the shards hold RGB: 3)", bounds="[1, 4]")
-    widths: list[int] = opt([64, 128, 256, 512],
-                            "basic: channels of the stride-2 convs; latent side = 64/2**len",
-                            bounds="[1, inf)", nonempty=True)
-    channels: int = opt(64, "resnet: base width; level i has channels * channel_mult[i]",
-                        bounds="[1, inf)")
-    channel_mult: list[int] = opt([1, 2, 2], "resnet: width multipliers, one per resolution "
-                                             "(len = log2(downsample) + 1)",
-                                  bounds="[1, inf)", nonempty=True)
-    num_res_blocks: int = opt(2, "resnet: residual blocks per resolution", bounds="[1, inf)")
-    attention: bool = opt(True, "resnet: self-attention at the lowest resolution")
-    num_groups: int = opt(32, "resnet: GroupNorm groups (clipped to divide the width)",
-                          bounds="[1, inf)")
-    downsample: int = opt(4, "resnet: f, the latent side is image_size / f (4, 8 or 16)",
-                          bounds="[2, 32]")
-    latent_channels: int = opt(512, "C of the AE/VAE latent (basic AE: equals widths[-1])",
-                               bounds="[1, inf)")
-    logvar_clamp: tuple[float, float] = opt((-30.0, 20.0), "VAE: log-variance clamp (min max)",
-                                            bounds="(-inf, inf)")
-    quantizer: str = opt("vq", "vqvae: vq (codebook) | fsq (finite scalar quantisation)",
-                         choices=QUANTIZERS)
-    codebook_size: int = opt(512, "vq: K, codes in the codebook", bounds="[2, inf)")
-    code_dim: int = opt(64, "vq: D, dimension of a code", bounds="[1, inf)")
-    codebook_ema: bool = opt(True, "vq: learn codes by EMA updates (true) or by the codebook "
-                                   "loss (false)")
-    ema_decay: float = opt(0.99, "vq: EMA decay of the codebook statistics", bounds="[0, 1)")
-    l2_normalize_codes: bool = opt(False, "vq: l2-normalise codes and encoder outputs")
-    dead_code_threshold: float = opt(1.0, "vq: EMA cluster size under which a code is "
-                                          "restarted from encoder outputs", bounds="[0, inf)")
-    usage_window: int = opt(100, "vq/fsq: training steps in the code-usage window",
-                            bounds="[1, inf)")
-    fsq_levels: list[int] = opt([8, 8, 8, 6, 5], "fsq: levels per latent channel",
-                                bounds="[2, inf)", nonempty=True)
-
-    @property
-    def latent_side(self) -> int:
-        if self.arch == "basic":
-            return self.image_size // 2 ** len(self.widths)
-        return self.image_size // self.downsample
 
 
 @require_declared
@@ -198,28 +147,4 @@ class Config:
 
     def check(self) -> None:
         """Rules that relate several fields (each field is already within its range)."""
-        m = self.model
-        if m.arch == "basic":
-            side = m.image_size / 2 ** len(m.widths)
-            if side < 1 or not side.is_integer():
-                raise PipelineError(f"--model.widths {m.widths} halves {m.image_size}px "
-                                    f"{len(m.widths)} times: the latent side would be {side}; "
-                                    f"use at most {int(math.log2(m.image_size))} widths")
-            if m.model == "ae" and m.latent_channels != m.widths[-1]:
-                raise PipelineError(f"the basic AE's latent is its last encoder width "
-                                    f"({m.widths[-1]}); set --model.latent_channels "
-                                    f"{m.widths[-1]} or change --model.widths")
-        else:
-            if m.downsample not in (2, 4, 8, 16, 32) or m.image_size % m.downsample:
-                raise PipelineError(f"--model.downsample {m.downsample} does not fit "
-                                    f"{m.image_size}px images; use 4, 8 or 16")
-            expected = int(math.log2(m.downsample)) + 1
-            if len(m.channel_mult) != expected:
-                raise PipelineError(f"--model.channel_mult {m.channel_mult} has "
-                                    f"{len(m.channel_mult)} levels but downsample {m.downsample} "
-                                    f"needs {expected} (one per resolution)")
-        low, high = m.logvar_clamp
-        if low >= high:
-            raise PipelineError(f"--model.logvar_clamp {list(m.logvar_clamp)}: the minimum must be "
-                                f"below the maximum")
-
+        self.model.check()

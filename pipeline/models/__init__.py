@@ -1,6 +1,10 @@
-"""Autoencoders on 64×64 images in [-1, 1]: `--model ae|vae|vqvae` × `--arch basic|resnet`.
+"""Autoencoders on 64×64 images in [-1, 1]: `--model ae|vae|vqvae` × `--arch basic|resnet`
+(× `--model.quantizer vq|fsq` for the VQ-VAE).
 
-Models know tensors only (no shards, trainer or tracker). Typical use::
+Models know tensors only (no shards, trainer or tracker). Callers ask the model what its
+latent is (`kind`, `quantizer_name`, `num_codes`, `has_prior`, `bits_per_image`) and,
+from a forward pass's stats, `rate_bits`, `code_indices`, `kl_per_image`, `logged_stats`,
+rather than branching on names. Typical use::
 
     model = build_model(cfg.model)
     out = model(x)                                   # ModelOutput(recon, terms, stats)
@@ -10,24 +14,22 @@ Models know tensors only (no shards, trainer or tracker). Typical use::
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from ..config import Config, ModelConfig, validate
-from . import basic, bottleneck, resnet  # noqa: F401  (register the families and ae/vae)
+from . import basic, bottleneck, fsq, resnet, vq  # noqa: F401  (register every part)
 from .autoencoder import AutoEncoder, ModelOutput
-from .bottleneck import Bottleneck
+from .bottleneck import Bottleneck, Quantizer
 from .export import from_pretrained, read_export_config, save_pretrained
 from .fsq import FSQ
 from .losses import compute_loss, kl_beta
-from .registry import get_bottleneck, get_family, list_models, register_arch, register_model
+from .registry import (_QUANTIZERS, get_bottleneck, get_family, get_quantizer, list_archs,
+                       list_kinds, list_models, list_quantizers, register_arch, register_model,
+                       register_quantizer)
 from .vq import VectorQuantizer
 
-QUANTIZERS = {"vq": VectorQuantizer.from_config, "fsq": FSQ.from_config}
-
-
-@register_model("vqvae")
-def build_quantizer(cfg: ModelConfig) -> Bottleneck:
-    """`--model vqvae` with `--model.quantizer vq|fsq` (a name validate() has checked):
-    same interface, so the report can set the two side by side at equal bits."""
-    return QUANTIZERS[cfg.quantizer](cfg)
+# Quantiser name -> builder, as registered (read-only; register with @register_quantizer).
+QUANTIZERS = MappingProxyType(_QUANTIZERS)
 
 
 def build_model(model_cfg: ModelConfig) -> AutoEncoder:
@@ -40,6 +42,8 @@ def build_model(model_cfg: ModelConfig) -> AutoEncoder:
     return AutoEncoder(model_cfg, encoder, neck, decoder)
 
 
-__all__ = ["AutoEncoder", "FSQ", "ModelOutput", "VectorQuantizer", "build_model",
-           "compute_loss", "from_pretrained", "kl_beta", "list_models", "read_export_config",
-           "register_arch", "register_model", "save_pretrained"]
+__all__ = ["AutoEncoder", "Bottleneck", "FSQ", "ModelOutput", "QUANTIZERS", "Quantizer",
+           "VectorQuantizer", "build_model", "compute_loss", "from_pretrained", "get_quantizer",
+           "kl_beta", "list_archs", "list_kinds", "list_models", "list_quantizers",
+           "read_export_config", "register_arch", "register_model", "register_quantizer",
+           "save_pretrained"]

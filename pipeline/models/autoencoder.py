@@ -20,7 +20,9 @@ class AutoEncoder(nn.Module):
     """Images in [-1, 1] -> latent -> reconstruction.
 
     The family (`--arch`) supplies encoder and decoder, the bottleneck (`--model`)
-    decides what the latent is and which loss terms come with it.
+    decides what the latent is and which loss terms come with it. What callers need to
+    know about the latent (kind, code alphabet, rate, logged statistics) they ask the
+    model, which asks its bottleneck: no caller branches on model names.
     """
 
     def __init__(self, config: ModelConfig, encoder: nn.Module, bottleneck: Bottleneck,
@@ -31,9 +33,28 @@ class AutoEncoder(nn.Module):
         self.bottleneck = bottleneck
         self.decoder = decoder
 
+    # ------------------------------------------------------------ what the latent is
+
     @property
     def kind(self) -> str:
-        return self.config.model
+        """Registry name of the model kind: "ae" | "vae" | "vqvae"."""
+        return self.bottleneck.kind
+
+    @property
+    def quantizer_name(self) -> str | None:
+        """"vq" | "fsq" for a VQ-VAE, None otherwise."""
+        return self.bottleneck.quantizer_name
+
+    @property
+    def num_codes(self) -> int | None:
+        """Codes one latent position can take (K; the product of the FSQ levels); None
+        for a continuous latent."""
+        return self.bottleneck.num_codes
+
+    @property
+    def has_prior(self) -> bool:
+        """Whether `sample()` works (the VAE)."""
+        return self.bottleneck.has_prior
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -47,6 +68,28 @@ class AutoEncoder(nn.Module):
         bits = self.bottleneck.bits_per_position
         _, height, width = self.latent_shape
         return None if bits is None else height * width * bits
+
+    # ------------------------------------------------------------ from a forward's stats
+
+    def rate_bits(self, stats: dict[str, Tensor]) -> Tensor | None:
+        """Per-image rate in bits (B,): KL / ln 2 for the VAE, the constant code size for
+        VQ/FSQ, None for the AE. `stats` is `ModelOutput.stats`."""
+        return self.bottleneck.rate_bits(stats)
+
+    def code_indices(self, stats: dict[str, Tensor]) -> Tensor | None:
+        """The batch's code indices (B×h×w, int64) or None for a continuous latent."""
+        return self.bottleneck.code_indices(stats)
+
+    def kl_per_image(self, stats: dict[str, Tensor]) -> Tensor | None:
+        """The VAE's KL in nats per image (B,), else None."""
+        return self.bottleneck.kl_per_image(stats)
+
+    def logged_stats(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Detached float scalars worth logging, keyed by their logged names
+        ("vq/usage", "vq/perplexity", ... for VQ/FSQ; nothing for AE/VAE)."""
+        return self.bottleneck.logged_stats(stats)
+
+    # ------------------------------------------------------------ the network
 
     def forward(self, x: Tensor) -> ModelOutput:
         z, terms, stats = self.bottleneck(self.encoder(x))

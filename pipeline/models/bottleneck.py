@@ -2,11 +2,17 @@
 
 A bottleneck maps encoder features to the latent the decoder reads and reports its raw
 loss terms (weighted later by `compute_loss`) and detached statistics. `ae` is the
-identity, `vae` the diagonal Gaussian; the quantisers (`vq.py`, `fsq.py`) follow the same
-interface.
+identity, `vae` the diagonal Gaussian; the quantisers (`vq.py`, `fsq.py`) share
+`Quantizer`.
+
+A bottleneck is also what the rest of the pipeline asks about the model instead of
+branching on names: its kind, its code alphabet, whether it has a prior, and, from the
+`stats` of a forward pass, the per-image rate, the code indices, the KL and the scalar
+statistics worth logging. The base class gives the answers of a continuous latent.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -14,7 +20,8 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..utils import PipelineError
-from .registry import register_model
+from .registry import get_quantizer, register_model
+from .usage import USAGE_STATS
 
 
 class BottleneckOutput(NamedTuple):
@@ -26,12 +33,32 @@ class BottleneckOutput(NamedTuple):
 class Bottleneck(nn.Module):
     """Base class. Subclasses set the channel counts and implement `forward`."""
 
+    kind: str                               # registry name of the model kind (--model)
+    quantizer_name: str | None = None       # registry name of the quantiser (--model.quantizer)
     in_channels: int                        # channels the encoder must produce
     latent_channels: int                    # channels of the latent `encode` returns
     bits_per_position: float | None = None  # information per latent position (quantisers)
+    num_codes: int | None = None            # code alphabet of one latent position (quantisers)
+    has_prior: bool = False                 # sample_prior() works
 
     def encode(self, h: Tensor) -> Tensor:
         return self(h).z
+
+    def rate_bits(self, stats: dict[str, Tensor]) -> Tensor | None:
+        """Per-image rate in bits (B,); None for a latent without a finite rate."""
+        return None
+
+    def code_indices(self, stats: dict[str, Tensor]) -> Tensor | None:
+        """The code indices of the batch (B×h×w); None for a continuous latent."""
+        return None
+
+    def kl_per_image(self, stats: dict[str, Tensor]) -> Tensor | None:
+        """KL(q(z|x) || prior) in nats per image (B,); None without a posterior."""
+        return None
+
+    def logged_stats(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Detached scalar statistics worth logging, under their logged names."""
+        return {}
 
     def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None,
                      device: torch.device) -> Tensor:
@@ -41,6 +68,8 @@ class Bottleneck(nn.Module):
 
 class IdentityBottleneck(Bottleneck):
     """The plain autoencoder: the encoder's output is the latent."""
+
+    kind = "ae"
 
     def __init__(self, channels: int):
         super().__init__()
@@ -56,6 +85,9 @@ class GaussianBottleneck(Bottleneck):
     The encoder predicts 2C channels (mean, log-variance). Training uses the
     reparameterised sample, evaluation the mean, so validation numbers are deterministic.
     """
+
+    kind = "vae"
+    has_prior = True
 
     def __init__(self, channels: int, logvar_clamp: tuple[float, float] = (-30.0, 20.0)):
         super().__init__()
@@ -88,9 +120,39 @@ class GaussianBottleneck(Bottleneck):
         where = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=where).to(device)
 
+    def kl_per_image(self, stats: dict[str, Tensor]) -> Tensor:
+        return stats["kl_per_image"]
+
+    def rate_bits(self, stats: dict[str, Tensor]) -> Tensor:
+        """The KL in bits: the rate term of the ELBO (float64, as evaluation sums it)."""
+        return stats["kl_per_image"].double() / math.log(2)
+
     @staticmethod
     def _sample(mean: Tensor, logvar: Tensor) -> Tensor:
         return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+
+
+class Quantizer(Bottleneck):
+    """A discrete latent: one of `num_codes` codes per latent position, whose index is in
+    `stats["indices"]` (B×h×w), with the code-usage statistics of `usage.CodeUsage`."""
+
+    kind = "vqvae"
+    # Prefix of the logged usage statistics (kept "vq/" for FSQ too: runs compare by it).
+    LOGGED_PREFIX = "vq/"
+
+    def code_indices(self, stats: dict[str, Tensor]) -> Tensor:
+        return stats["indices"]
+
+    def rate_bits(self, stats: dict[str, Tensor]) -> Tensor:
+        """The constant code size: h·w·bits_per_position for every image (float64, so the
+        figure is the exact one of `AutoEncoder.bits_per_image`)."""
+        indices = stats["indices"]
+        bits = indices[0].numel() * self.bits_per_position
+        return torch.full((len(indices),), bits, dtype=torch.float64, device=indices.device)
+
+    def logged_stats(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {self.LOGGED_PREFIX + name: stats[name].detach().float()
+                for name in USAGE_STATS if name in stats}
 
 
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -106,3 +168,10 @@ def build_identity(cfg: ModelConfig) -> Bottleneck:
 @register_model("vae")
 def build_gaussian(cfg: ModelConfig) -> Bottleneck:
     return GaussianBottleneck(cfg.latent_channels, tuple(cfg.logvar_clamp))
+
+
+@register_model("vqvae")
+def build_quantizer(cfg: ModelConfig) -> Bottleneck:
+    """`--model vqvae` with `--model.quantizer vq|fsq` (a name validate() has checked):
+    same interface, so the report can set the two side by side at equal bits."""
+    return get_quantizer(cfg.quantizer)(cfg)

@@ -15,7 +15,8 @@ from einops import rearrange
 from torch import Tensor
 
 from ..config import ModelConfig
-from .bottleneck import Bottleneck, BottleneckOutput
+from .bottleneck import BottleneckOutput, Quantizer
+from .registry import register_quantizer
 from .usage import CodeUsage
 
 
@@ -24,7 +25,9 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (x.round() - x).detach()
 
 
-class FSQ(Bottleneck):
+class FSQ(Quantizer):
+    quantizer_name = "fsq"
+
     def __init__(self, levels: Sequence[int], usage_window: int = 100, eps: float = 1e-3):
         super().__init__()
         self.levels_list = list(levels)
@@ -77,3 +80,8 @@ class FSQ(Bottleneck):
         stats = {"indices": indices, **self.usage(counts, record=self.training)}
         z_q = rearrange(codes, "b h w d -> b d h w").to(z.dtype)
         return BottleneckOutput(z_q, {}, stats)
+
+
+@register_quantizer("fsq")
+def build_fsq(cfg: ModelConfig) -> FSQ:
+    return FSQ.from_config(cfg)

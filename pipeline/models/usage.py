@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from ..utils import PipelineError
 
+# The statistics CodeUsage returns, per batch and over the window.
+USAGE_STATS = ("usage", "perplexity", "usage_window", "perplexity_window")
 # Float32 elements the window may hold (512 MiB); beyond that the history is not worth it.
 MAX_WINDOW_ELEMENTS = 2 ** 27
 

@@ -24,20 +24,23 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .bottleneck import Bottleneck, BottleneckOutput
+from .bottleneck import BottleneckOutput, Quantizer
+from .registry import register_quantizer
 from .usage import CodeUsage
 
 # Rows of the distance matrix computed at once: keeps it near 256 MiB for big codebooks.
 DISTANCE_CHUNK_ELEMENTS = 2 ** 26
 
 
-class VectorQuantizer(Bottleneck):
+class VectorQuantizer(Quantizer):
+    quantizer_name = "vq"
+
     def __init__(self, codebook_size: int, code_dim: int, *, ema: bool = True,
                  decay: float = 0.99, l2_normalize: bool = False,
                  dead_code_threshold: float = 1.0, usage_window: int = 100,
                  eps: float = 1e-5):
         super().__init__()
-        self.codebook_size = codebook_size
+        self.codebook_size = self.num_codes = codebook_size
         self.in_channels = self.latent_channels = code_dim
         self.bits_per_position = math.log2(codebook_size)
         self.ema = ema
@@ -61,7 +64,7 @@ class VectorQuantizer(Bottleneck):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "VectorQuantizer":
-        return cls(cfg.codebook_size, cfg.code_dim, ema=cfg.codebook_ema, decay=cfg.ema_decay,
+        return cls(cfg.codebook_size, cfg.code_dim, ema=cfg.codebook_ema, decay=cfg.codebook_decay,
                    l2_normalize=cfg.l2_normalize_codes,
                    dead_code_threshold=cfg.dead_code_threshold, usage_window=cfg.usage_window)
 
@@ -148,6 +151,11 @@ class VectorQuantizer(Bottleneck):
         if self.ema:
             self.embed_sum[dead] = replacements * reset
         self.initialized.fill_(True)
+
+
+@register_quantizer("vq")
+def build_vector_quantizer(cfg: ModelConfig) -> VectorQuantizer:
+    return VectorQuantizer.from_config(cfg)
 
 
 def _distributed() -> bool:
