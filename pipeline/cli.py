@@ -16,7 +16,10 @@ STAGES = {
     "prepare": ("pipeline.prepare", "JPEG tree -> 64x64 WebDataset shards + manifest"),
     "train": ("pipeline.train", "train an AE / VAE / VQ-VAE under Accelerate"),
     "evaluate": ("pipeline.evaluate", "reconstruction metrics of checkpoints on val shards"),
+    "encode": ("pipeline.encode", "a split's images -> latent shards (+ latent statistics)"),
+    "decode": ("pipeline.decode", "PNG grid of the first latents of latent shards"),
     "report": ("pipeline.report", "HTML + Markdown comparison of evaluated checkpoints"),
+    "export": ("pipeline.export", "a checkpoint as a diffusers AutoencoderKL / VQModel"),
     "bench": ("pipeline.bench", "measure prepare / loader / model throughput"),
     "demo": ("pipeline.demo", "sample -> prepare -> train x3 -> evaluate -> report"),
 }

@@ -38,6 +38,10 @@ LOCK_NAME = ".lock"  # run directories and evaluation outputs alike
 WEIGHTS_NAME = "model.safetensors"
 EXPORT_CONFIG_NAME = "config.json"
 EXPORT_FILES = (WEIGHTS_NAME, EXPORT_CONFIG_NAME)
+# `pipeline export` writes this beside the diffusers files (source, scaling factor, check).
+EXPORT_RECORD_NAME = "export.json"
+# The `format` of the manifest of `pipeline encode`'s latent shards (beside `manifest.json`).
+LATENT_FORMAT = "ae-pipeline-latents/1"
 TRAINER_STATE_NAME = "trainer.json"
 STATE_SUBDIR = "state"
 COMPLETE_MARKER = "COMPLETE"

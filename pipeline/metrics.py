@@ -7,7 +7,8 @@ which at 64x64 moves SSIM by up to 0.027 and MS-SSIM by up to 0.09: the project'
 must not depend on the installed library version. They follow skimage's convention (see
 `per_image_ssim`), the one published tokenizer tables use. This module also adds what the
 libraries leave to the caller: the PSNR cap, code usage from code counts, the VAE's
-discretised likelihood, loading LPIPS / Inception weights from local files only (nothing
+discretised likelihood, loading LPIPS / Inception weights from local files only (LPIPS
+through `pipeline.models.lpips`, the loader the training's perceptual term shares; nothing
 here ever downloads, nothing here unpickles: tensors only, `weights_only=True`), and the
 float64 sums `pipeline evaluate` reduces across processes. What a bottleneck carries (its
 rate, its code alphabet) is the model's to say (`AutoEncoder.rate_bits`, `num_codes`).
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import io
 import math
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from .models import lpips as _lpips
 from .utils import PipelineError
 
 # One perfect image (MSE 0) would make the mean of per-image PSNR infinite.
@@ -47,8 +48,7 @@ MS_SSIM_MIN_SIZE = (SSIM_KERNEL - 1) * 2 ** (len(MS_SSIM_BETAS) - 1) + 1
 SSIM_CONVENTION = "skimage-valid/v1"
 
 # LPIPS backbones: torchvision constructor and the channel count of each compared layer.
-LPIPS_NETS = {"alex": ("alexnet", (64, 192, 384, 256, 256)),
-              "vgg": ("vgg16", (64, 128, 256, 512, 512))}
+LPIPS_NETS = _lpips.LPIPS_NETS
 
 
 def to_unit_range(images: Tensor) -> Tensor:
@@ -213,94 +213,14 @@ def discretized_gaussian_nll(target: Tensor, mean: Tensor, sigma: float,
 
 def load_lpips(backbone_path: str | Path, linear_path: str | Path | None,
                net: str = "alex") -> torch.nn.Module:
-    """LPIPS v0.1 built from local files only.
-
-    backbone_path: the torchvision ImageNet state dict of the backbone (e.g.
-      `alexnet-owt-7be5be79.pth` or `vgg16-397923af.pth`; only `features.*` is used).
-    linear_path: the `lpips` package's `weights/v0.1/<net>.pth` (keys `lin0.model.1.weight`
-      ... `lin4.model.1.weight`); None uses the copy torchmetrics ships with its wheel.
-    Returns a module mapping two [0, 1] batches to per-image distances (B,).
-    """
-    # torchmetrics' public LPIPS metric always fetches the ImageNet backbone; its network
-    # class (private API, so tests/test_evaluate.py exercises it) is the same LPIPS
-    # without that download.
-    from torchmetrics.functional.image.lpips import _LPIPS
-
-    if net not in LPIPS_NETS:
-        raise PipelineError(f"--lpips-net {net!r}: choose one of {', '.join(LPIPS_NETS)}")
-    # pretrained=False / pnet_rand=True: torchmetrics builds the layers without fetching
-    # anything; the weights come from the user's files below.
-    lpips = _LPIPS(pretrained=False, net=net, pnet_rand=True)
-    _load_lpips_linear(lpips, linear_path or _bundled_lpips_linear(net), net)
-    _load_lpips_backbone(lpips, backbone_path, net)
-    return _LpipsDistance(lpips.eval().requires_grad_(False))
+    """LPIPS v0.1 built from local files only: a module mapping two [0, 1] batches to
+    per-image distances (B,). The loader is `pipeline.models.lpips`, shared with the
+    training's perceptual term (the same files, the same network); messages name
+    `pipeline evaluate`'s options."""
+    return _lpips.load_lpips(backbone_path, linear_path, net, _lpips.EVALUATE_OPTIONS)
 
 
-class _LpipsDistance(torch.nn.Module):
-    """(pred, target) in [0, 1] -> LPIPS per image; torchmetrics returns B x 1 x 1 x 1."""
-
-    def __init__(self, lpips: torch.nn.Module):
-        super().__init__()
-        self.lpips = lpips
-
-    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
-        return self.lpips(pred, target, normalize=True).flatten()
-
-
-def _bundled_lpips_linear(net: str) -> Path:
-    import torchmetrics.functional.image.lpips as tm_lpips
-
-    return Path(tm_lpips.__file__).parent / "lpips_models" / f"{net}.pth"
-
-
-def _read_state_dict(path: str | Path, option: str) -> dict[str, Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{option} {path}: no such file")
-    try:
-        # weights_only: tensors and plain containers only, so a crafted pickle cannot run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # damaged, or refused by weights_only
-        raise PipelineError(f"{option} {path}: not a readable torch state dict of tensors "
-                            f"(damaged, or holding other objects, which are never loaded: "
-                            f"unpickling them could run code)") from e
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PipelineError(f"{option} {path}: not a readable torch state dict ({reason})") from e
-    if not isinstance(state, dict):
-        raise PipelineError(f"{option} {path}: expected a state dict, got {type(state).__name__}")
-    return state
-
-
-def _load_lpips_linear(lpips: torch.nn.Module, path: str | Path, net: str) -> None:
-    state = _read_state_dict(path, "--lpips-linear")
-    channels = LPIPS_NETS[net][1]
-    for i, c in enumerate(channels):
-        key = f"lin{i}.model.1.weight"
-        if key not in state or tuple(state[key].shape) != (1, c, 1, 1):
-            raise PipelineError(f"--lpips-linear {path}: expected {key} of shape (1, {c}, 1, 1) "
-                                f"for the {net} backbone (the lpips package's "
-                                f"weights/v0.1/{net}.pth format)")
-    lpips.load_state_dict({f"lin{i}.model.1.weight": state[f"lin{i}.model.1.weight"]
-                           for i in range(len(channels))}, strict=False)
-
-
-def _load_lpips_backbone(lpips: torch.nn.Module, path: str | Path, net: str) -> None:
-    import torchvision
-
-    state = _read_state_dict(path, "--lpips-backbone")
-    features = {k: v for k, v in state.items() if k.startswith("features.")}
-    reference = getattr(torchvision.models, LPIPS_NETS[net][0])(weights=None).features
-    try:
-        reference.load_state_dict({k[len("features."):]: v for k, v in features.items()})
-    except RuntimeError as e:
-        raise PipelineError(f"--lpips-backbone {path}: not a torchvision "
-                            f"{LPIPS_NETS[net][0]} state dict ({str(e).splitlines()[0]})") from e
-    # torchmetrics' slices hold the backbone's layers under their original indices.
-    for slice_ in (lpips.net.slice1, lpips.net.slice2, lpips.net.slice3, lpips.net.slice4,
-                   lpips.net.slice5):
-        for index, layer in slice_.named_children():
-            layer.load_state_dict(reference[int(index)].state_dict())
+_read_state_dict = _lpips.read_state_dict  # load_fid reads its file the same way
 
 
 # ---------------------------------------------------------------- rFID

@@ -53,12 +53,12 @@ def test_registry_names_are_the_declared_ones():
     """Config validation (torch-free) and the registry read names from one catalogue."""
     assert list_archs() == sorted(ARCHS) == ["basic", "resnet"]
     assert list_kinds() == sorted(MODELS) == ["ae", "vae", "vqvae"]
-    assert list_quantizers() == sorted(QUANTIZERS) == ["fsq", "vq"]
+    assert list_quantizers() == sorted(QUANTIZERS) == ["fsq", "rvq", "simvq", "vq"]
     assert list_models() == [f"{m}-{a}" for m in list_kinds() for a in list_archs()]
-    with pytest.raises(PipelineError, match="unknown --model.quantizer 'rvq'; choose one of "
-                                            "fsq, vq"):
+    with pytest.raises(PipelineError, match="unknown --model.quantizer 'lfq'; choose one of "
+                                            "fsq, rvq, simvq, vq"):
         from pipeline.models import get_quantizer
-        get_quantizer("rvq")
+        get_quantizer("lfq")
 
 
 @pytest.mark.parametrize("register", [register_arch, register_model, register_quantizer])

@@ -32,6 +32,7 @@ from .state import (ACCELERATOR_STATE_NAME, CheckpointError, Part, TrainerState,
                     load_rng, note_on_main, optimizer_state, optimizer_state_dict, write_part,
                     write_rng, write_state)
 from .store import (check_model_matches, checkpoints_dir, collectively, complete_checkpoints,
+                    on_main_process,
                     latest_checkpoint, newest_verified, prune, publish_export,
                     remove_stale_temporaries, resolve_resume, save_checkpoint, step_dir)
 from .verify import (CHECKPOINT_FORMAT, REQUIRED_FILES, legacy_reason, read_record,
@@ -39,7 +40,7 @@ from .verify import (CHECKPOINT_FORMAT, REQUIRED_FILES, legacy_reason, read_reco
 
 __all__ = ["ACCELERATOR_STATE_NAME", "CHECKPOINT_FORMAT", "COMPLETE_MARKER", "CheckpointError",
            "EXPORT_FILES", "Part", "REQUIRED_FILES", "STATE_SUBDIR", "TRAINER_STATE_NAME",
-           "TrainerState", "check_model_matches", "checkpoints_dir", "collectively",
+           "TrainerState", "check_model_matches", "checkpoints_dir", "collectively", "on_main_process",
            "complete_checkpoints", "latest_checkpoint", "legacy_reason", "load_accelerator_state",
            "load_checkpoint", "load_module", "load_optimizer", "load_rng", "newest_verified",
            "note_on_main", "optimizer_state", "optimizer_state_dict", "prune", "publish_export",

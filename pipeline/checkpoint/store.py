@@ -144,6 +144,28 @@ def collectively(accelerator, action: Callable[[], Any], what: str,
     return result
 
 
+def on_main_process(accelerator, action: Callable[[], Any], what: str) -> Any:
+    """`action()` on the main process only; every process learns in one all-reduce whether
+    it failed, and raises then (the main process its own error, the others a PipelineError
+    naming `what`). Without this, a failure of the main process alone (a full disk, a held
+    lock) would leave the others waiting for it at the next collective until the launcher
+    kills them. Every process must call it, in the same order. Returns the main process's
+    result (None elsewhere)."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = action()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others were told
+            error = e
+    flag = torch.tensor([float(error is not None)], device=accelerator.device)
+    failed = accelerator.reduce(flag, reduction="max").item() > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise PipelineError(f"the main process failed while {what} (its error is above)")
+    return result
+
+
 # ---------------------------------------------------------------- writing
 
 def save_checkpoint(accelerator, run_dir: Path, state: TrainerState, parts: dict[str, Part],

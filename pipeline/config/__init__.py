@@ -13,10 +13,10 @@ from .fields import (Bounds, FieldValueError, OptionName, Rule, add_config_argum
 from .model import (ARCH_PARTS, MODEL_PARTS, QUANTIZER_PARTS, Part, parts_of, preset_for,
                     weight_fields)
 from .sections import (ALIASES, ARCHS, MODELS, QUANTIZERS, SAMPLINGS, SEED_MAX, Config,
-                       DataConfig, LossConfig, ModelConfig, OptimConfig, TrackerConfig,
-                       TrainConfig)
+                       DataConfig, DiscConfig, LossConfig, ModelConfig, OptimConfig,
+                       TrackerConfig, TrainConfig)
 
-__all__ = ["ALIASES", "ARCHS", "ARCH_PARTS", "Bounds", "Config", "DataConfig",
+__all__ = ["ALIASES", "ARCHS", "ARCH_PARTS", "Bounds", "Config", "DataConfig", "DiscConfig",
            "FieldValueError", "LossConfig", "MODELS", "MODEL_PARTS", "ModelConfig",
            "OptimConfig", "OptionName", "Part", "QUANTIZERS", "QUANTIZER_PARTS", "Rule",
            "SAMPLINGS", "SEED_MAX", "TrackerConfig", "TrainConfig", "add_config_arguments",

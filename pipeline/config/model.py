@@ -41,9 +41,11 @@ class ResNetFamily:
     channel_mult: list[int] = opt([1, 2, 2], "resnet: width multipliers, one per resolution "
                                              "(len = log2(downsample) + 1)",
                                   bounds="[1, inf)", nonempty=True)
-    num_res_blocks: int = opt(2, "resnet: residual blocks per resolution", bounds="[1, inf)")
+    num_res_blocks: int = opt(2, "resnet: residual blocks per resolution (the decoder has "
+                                 "one more, as in latent diffusion)", bounds="[1, inf)")
     attention: bool = opt(True, "resnet: self-attention at the lowest resolution")
-    num_groups: int = opt(32, "resnet: GroupNorm groups (clipped to divide the width)",
+    num_groups: int = opt(32, "resnet: GroupNorm groups (clipped to divide the width; the "
+                              "diffusers export needs one that divides every width)",
                           bounds="[1, inf)")
     downsample: int = opt(4, "resnet: f, the latent side is image_size / f (4, 8 or 16)",
                           bounds="[2, 32]")
@@ -65,9 +67,16 @@ class GaussianPosterior:
 
 @require_declared
 @dataclass
-class Codebook:
-    codebook_size: int = opt(512, "vq: K, codes in the codebook", bounds="[2, inf)")
-    code_dim: int = opt(64, "vq: D, dimension of a code", bounds="[1, inf)")
+class CodebookSize:
+    codebook_size: int = opt(512, "vq/simvq/rvq: K, codes in the codebook (of each rvq "
+                                  "stage)", bounds="[2, inf)")
+    code_dim: int = opt(64, "vq/simvq/rvq: D, dimension of a code", bounds="[1, inf)")
+
+
+@require_declared
+@dataclass
+class Codebook(CodebookSize):
+    """A codebook of K learnt codes (vq; rvq's vq stages). SimVQ reads the size only."""
     codebook_ema: bool = opt(True, "vq: learn codes by EMA updates (true) or by the codebook "
                                    "loss (false)")
     l2_normalize_codes: bool = opt(False, "vq: l2-normalise codes and encoder outputs")
@@ -97,6 +106,39 @@ class ScalarLevels:
                                 bounds="[2, inf)", nonempty=True)
 
 
+@require_declared
+@dataclass
+class RotationTrick:
+    rotation_trick: bool = opt(False, "vq/simvq (and rvq's vq stages): pass the gradient "
+                                      "through the code by the rotation trick (Fifty et al. "
+                                      "2024) instead of the straight-through estimator")
+
+
+STAGE_QUANTIZERS = ("vq", "fsq")  # what one stage of rvq may be
+
+
+@require_declared
+@dataclass
+class ResidualStages:
+    num_quantizers: int = opt(1, "rvq: S, residual stages, each quantising what the ones "
+                                 "before left (bits = S x a stage's bits; 1 = one plain "
+                                 "stage)", bounds="[1, 32]")
+    stage_quantizer: str = opt("vq", "rvq: quantiser of every stage: vq (a codebook per "
+                                     "stage) | fsq (fsq_levels, finer per stage)",
+                               choices=STAGE_QUANTIZERS)
+
+
+@require_declared
+@dataclass
+class QuantizerDropout:
+    """Training-time only: how many rvq stages a step uses (the weights do not depend on it)."""
+    quantizer_dropout: bool = opt(False, "rvq: each training step keeps only the first n "
+                                         "stages, n uniform in [quantizer_dropout_min_stages, "
+                                         "S] and the same on every rank (SoundStream)")
+    quantizer_dropout_min_stages: int = opt(1, "rvq: the fewest stages quantizer_dropout keeps",
+                                            bounds="[1, 32]")
+
+
 # ---------------------------------------------------------------- the catalogue of parts
 
 @dataclass(frozen=True)
@@ -108,8 +150,11 @@ class Part:
 
 
 QUANTIZER_PARTS = {
-    "vq": Part(shapes=(Codebook,), steers=(CodebookLearning, CodeUsageWindow)),
+    "vq": Part(shapes=(Codebook,), steers=(CodebookLearning, CodeUsageWindow, RotationTrick)),
     "fsq": Part(shapes=(ScalarLevels,), steers=(CodeUsageWindow,)),
+    "simvq": Part(shapes=(CodebookSize,), steers=(CodeUsageWindow, RotationTrick)),
+    # + the parts of its stage quantiser (`stage_quantizer`, one of STAGE_QUANTIZERS)
+    "rvq": Part(shapes=(ResidualStages,), steers=(QuantizerDropout, CodeUsageWindow)),
 }
 QUANTIZERS = tuple(QUANTIZER_PARTS)
 
@@ -117,7 +162,8 @@ QUANTIZERS = tuple(QUANTIZER_PARTS)
 @require_declared
 @dataclass
 class QuantizerChoice:
-    quantizer: str = opt("vq", "vqvae: vq (codebook) | fsq (finite scalar quantisation)",
+    quantizer: str = opt("vq", "vqvae: vq (codebook) | fsq (finite scalar quantisation) | "
+                               "simvq (frozen codes, learnt linear map) | rvq (residual stages)",
                          choices=QUANTIZERS)
 
 
@@ -151,7 +197,8 @@ class ImageAndKind:
 # now follows the codebook fields that shape the weights).
 @require_declared
 @dataclass
-class ModelConfig(ScalarLevels, CodeUsageWindow, CodebookLearning, Codebook, QuantizerChoice,
+class ModelConfig(QuantizerDropout, ResidualStages, RotationTrick, ScalarLevels,
+                  CodeUsageWindow, CodebookLearning, Codebook, QuantizerChoice,
                   GaussianPosterior, ContinuousLatent, ResNetFamily, BasicFamily, ImageAndKind):
     """What the network is. Saved with every export; `from_pretrained` rebuilds from it."""
 
@@ -183,6 +230,18 @@ class ModelConfig(ScalarLevels, CodeUsageWindow, CodebookLearning, Codebook, Qua
         if low >= high:
             raise PipelineError(f"--model.logvar_clamp {list(self.logvar_clamp)}: the minimum "
                                 f"must be below the maximum")
+        if ResidualStages in (c for part in parts_of(self) for c in part.shapes):
+            self._check_residual()
+
+    def _check_residual(self) -> None:
+        if self.quantizer_dropout and self.quantizer_dropout_min_stages > self.num_quantizers:
+            raise PipelineError(f"--model.quantizer_dropout_min_stages "
+                                f"{self.quantizer_dropout_min_stages} exceeds the "
+                                f"{self.num_quantizers} stages of --model.num_quantizers")
+        if self.stage_quantizer == "vq" and self.l2_normalize_codes:
+            # Residuals shrink stage after stage: unit-norm codes cannot follow them.
+            raise PipelineError("--model.l2_normalize_codes does not apply to residual stages "
+                                "(--model.quantizer rvq); set it to false")
 
     def _check_basic(self) -> None:
         side = self.image_size / 2 ** len(self.widths)
@@ -214,6 +273,8 @@ def parts_of(cfg: ModelConfig) -> list[Part]:
     parts = [ARCH_PARTS.get(cfg.arch), MODEL_PARTS.get(cfg.model)]
     if parts[1] is not None and QuantizerChoice in parts[1].shapes:
         parts.append(QUANTIZER_PARTS.get(cfg.quantizer))
+        if parts[-1] is not None and ResidualStages in parts[-1].shapes:  # rvq's stages
+            parts.append(QUANTIZER_PARTS.get(cfg.stage_quantizer))
     return [part for part in parts if part is not None]
 
 

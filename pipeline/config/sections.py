@@ -1,4 +1,4 @@
-"""The training config: sections `model`, `loss`, `data`, `optim`, `tracker`, `train`.
+"""The training config: sections `model`, `loss`, `disc`, `data`, `optim`, `tracker`, `train`.
 
 The resolved `Config` is validated before any process starts training, written to
 `RUN_DIR/config.yaml`, logged to the tracker and saved inside every checkpoint.
@@ -19,10 +19,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..utils import PipelineError
 from .fields import opt, require_declared
 from .model import ARCHS, MODELS, QUANTIZERS, ModelConfig  # noqa: F401  (re-exported)
 
 SAMPLINGS = ("exact", "resampled")
+DATA_CACHES = ("none", "host", "gpu")  # --data.cache: stream, or the train data in memory
+# Names of the loss and discriminator choices (torch-free: the modules in
+# pipeline/models/ that implement them import these).
+LPIPS_NET_NAMES = ("vgg", "alex")
+DISC_LOSSES = ("hinge", "non-saturating")
+DISC_NORMS = ("group", "batch", "none")
 SEED_MAX = 2**32 - 1  # numpy's global seed (set_seed) takes [0, 2**32)
 
 # Short command-line flags of `pipeline train` -> the dotted field they set. Messages name
@@ -59,6 +66,70 @@ class LossConfig:
                                    bounds="[0, inf)")
     codebook_weight: float = opt(1.0, "vq: codebook loss weight (only without codebook_ema)",
                                  bounds="[0, inf)")
+    perceptual_weight: float = opt(0.0, "weight of the LPIPS term (0: off; needs "
+                                        "--loss.lpips_backbone)", bounds="[0, inf)")
+    lpips_net: str = opt("vgg", "LPIPS backbone: vgg (taming's) | alex",
+                         choices=LPIPS_NET_NAMES)
+    lpips_backbone: str | None = opt(None, "LPIPS: torchvision ImageNet state dict of the "
+                                           "backbone (vgg16-397923af.pth, or "
+                                           "alexnet-owt-7be5be79.pth with --loss.lpips_net "
+                                           "alex); never downloaded", nonempty=True)
+    lpips_linear: str | None = opt(None, "LPIPS linear layers, the lpips package's "
+                                         "weights/v0.1/<net>.pth; unset: the copy shipped "
+                                         "inside torchmetrics", nonempty=True)
+    adversarial_weight: float = opt(0.0, "weight of the PatchGAN generator loss (0: no "
+                                         "discriminator); times the adaptive weight when "
+                                         "that is on", bounds="[0, inf)")
+    disc_start: int = opt(0, "steps trained without the discriminator; it is used and "
+                             "trained from step disc_start + 1 on", bounds="[0, inf)")
+    disc_loss: str = opt("hinge", "adversarial loss: hinge | non-saturating",
+                         choices=DISC_LOSSES)
+    adaptive_weight: bool = opt(True, "scale the generator loss by taming's adaptive weight "
+                                      "(gradient-norm ratio at the decoder's last layer, "
+                                      "clamped to [0, 1e4]); false: adversarial_weight alone")
+
+    def check(self, image_size: int, disc: "DiscConfig") -> None:
+        """Rules between the loss fields and the image size / discriminator. (The LPIPS
+        files are checked when the trainer reads them, before the first step: presets
+        name no file, and must validate without one.)"""
+        if self.adversarial_weight > 0:
+            disc.check(image_size)
+
+
+@require_declared
+@dataclass
+class DiscConfig:
+    """The PatchGAN discriminator (used when --loss.adversarial_weight > 0). Its Adam
+    runs at a constant learning rate (no warm-up or decay), from step
+    --loss.disc_start + 1 on."""
+    layers: int = opt(2, "stride-2 conv layers: receptive field 16 / 34 / 70 / 142 px for "
+                         "1 / 2 / 3 / 4 (taming: 3, for 256 px); logit map side "
+                         "image_size/2**layers - 2", bounds="[1, 8]")
+    channels: int = opt(64, "width of the first conv (doubling per layer, at most 8x)",
+                        bounds="[1, 4096]")
+    norm: str = opt("group", "group (per image: the same under DDP and any batch size) | "
+                             "batch (taming's; per rank) | none", choices=DISC_NORMS)
+    lr: float = opt(2e-4, "Adam learning rate of the discriminator (constant)",
+                    bounds="(0, inf)")
+    betas: tuple[float, float] = opt((0.5, 0.9), "Adam betas of the discriminator "
+                                                 "(taming's)", bounds="[0, 1)")
+    grad_clip: float = opt(0.0, "max gradient norm of the discriminator; 0: not clipped "
+                                "(its norm is logged either way)", bounds="[0, inf)")
+
+    def check(self, image_size: int) -> None:
+        side = image_size // 2 ** self.layers - 2
+        if side < 1:
+            raise PipelineError(f"--disc.layers {self.layers} leaves no logit for "
+                                f"{image_size}px images (output side {side}); use at most "
+                                f"{max_disc_layers(image_size)}")
+
+
+def max_disc_layers(image_size: int) -> int:
+    """The most discriminator layers whose logit map is still at least 1×1."""
+    layers = 0
+    while image_size // 2 ** (layers + 1) - 2 >= 1:
+        layers += 1
+    return layers
 
 
 @require_declared
@@ -78,6 +149,15 @@ class DataConfig:
     interleave: int = opt(4, "exact sampling: shard segments each loader stream reads at "
                              "once, drawing samples from a random one of them",
                           bounds="[1, inf)")
+    cache: str = opt("none", "train images in memory, each rank's part read once: gpu (one "
+                             "uint8 tensor on the GPU) | host (pinned host memory) | none "
+                             "(stream from the shards)", choices=DATA_CACHES)
+
+    def check(self) -> None:
+        if self.cache != "none" and self.sampling == "resampled":
+            raise PipelineError(f"--data.cache {self.cache} draws exact epochs of each rank's "
+                                f"part; --data.sampling resampled does not apply to it: drop "
+                                f"one of the two")
 
 
 @require_declared
@@ -137,6 +217,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
@@ -148,3 +229,5 @@ class Config:
     def check(self) -> None:
         """Rules that relate several fields (each field is already within its range)."""
         self.model.check()
+        self.loss.check(self.model.image_size, self.disc)
+        self.data.check()

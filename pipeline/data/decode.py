@@ -1,8 +1,9 @@
 """Image decoders: a sample's image member as a uint8 H x W x 3 array.
 
 PNG goes to the fastest decoder installed (`PNG_DECODER`: pyspng, then torchvision, then
-PIL); raw `.npy` arrays are read without numpy's per-call header parser; WebP and JPEG
-through PIL. Every PNG decoder refuses 16-bit images alike, since shards hold 8-bit ones.
+PIL); raw `.npy` arrays are read without numpy's per-call header parser (`npy_array`,
+which latent shards' members go through too); WebP and JPEG through PIL. Every PNG
+decoder refuses 16-bit images alike, since shards hold 8-bit ones.
 """
 from __future__ import annotations
 
@@ -34,18 +35,25 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int, bool]:
     return np.dtype(meta["descr"]), shape, math.prod(shape), bool(meta["fortran_order"])
 
 
-def _decode_npy(data: bytes) -> np.ndarray:
-    # np.load re-parses the header with a Python-level reader on every call, which caps
-    # its rate well below a raw sample's share of the loader's budget.
+def npy_array(data: bytes) -> np.ndarray:
+    """The array of `.npy` bytes, any dtype and shape, as a read-only view of `data`.
+
+    np.load re-parses the header with a Python-level reader on every call, which caps
+    its rate well below a raw sample's share of the loader's budget. Nothing is ever
+    unpickled: an object dtype cannot be viewed from a buffer (ValueError)."""
     if data[:6] != b"\x93NUMPY":
         raise ValueError("not an .npy file")
     start = 10 if data[6] == 1 else 12  # format 1.0 has a 2-byte header length, later 4
     end = start + int.from_bytes(data[8:start], "little")
     dtype, shape, count, fortran = _npy_layout(data[start:end])
-    if dtype != np.uint8:
-        raise ValueError(f".npy array has dtype {dtype}, expected uint8")
-    array = np.frombuffer(data, dtype=np.uint8, count=count, offset=end)
-    array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    array = npy_array(data)
+    if array.dtype != np.uint8:
+        raise ValueError(f".npy array has dtype {array.dtype}, expected uint8")
     if array.ndim == 2:
         return np.broadcast_to(array[..., None], (*array.shape, 3))
     if array.ndim != 3 or 3 not in (array.shape[0], array.shape[2]):

@@ -59,13 +59,14 @@ class _BatchBuffers:
         self.send_always = send_always  # pinned loaders: the pin thread needs the tensor
         self.buffers: list[torch.Tensor] = []
 
-    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int] | None, bool]:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.uint8
+             ) -> tuple[torch.Tensor, tuple[int, int] | None, bool]:
         """(buffer, its (worker, slot) or None for a one-off, send the tensor along?)"""
         for slot, buffer in enumerate(self.buffers):
-            if not self.busy[slot] and buffer.shape == shape:
+            if not self.busy[slot] and buffer.shape == shape and buffer.dtype == dtype:
                 self.busy[slot] = 1
                 return buffer, (self.worker, slot), self.send_always
-        batch = torch.empty(shape, dtype=torch.uint8).share_memory_()
+        batch = torch.empty(shape, dtype=dtype).share_memory_()
         if len(self.buffers) == len(self.busy):
             return batch, None, True
         self.buffers.append(batch)
@@ -73,8 +74,8 @@ class _BatchBuffers:
         return batch, (self.worker, len(self.buffers) - 1), True
 
 
-def _batched(samples: Iterator[Sample], batch_size: int,
-             buffers: _BatchBuffers | None = None) -> Iterator[_Batch]:
+def _batched(samples: Iterator[Sample], batch_size: int, buffers: _BatchBuffers | None = None,
+             dtype: torch.dtype = torch.uint8) -> Iterator[_Batch]:
     """Collate in the worker: one IPC message per batch instead of one per sample.
 
     Images are stacked as they decode, B x H x W x 3 (a plain copy, where transposing
@@ -84,12 +85,13 @@ def _batched(samples: Iterator[Sample], batch_size: int,
     more per 64x64 image. In a DataLoader worker the batch is built in a reused
     shared-memory buffer (_BatchBuffers). Labels travel as a numpy array: pickled by
     value, where a tensor would take a shared-memory block and a file-descriptor
-    handover of its own."""
+    handover of its own. Latents (any shape) are stacked the same way into a buffer of
+    `dtype` (float16; int64 for codes, widened from their stored dtype by the stack)."""
     while chunk := list(itertools.islice(samples, batch_size)):
         arrays, labels, keys, flips = zip(*chunk)
         shape = (len(arrays), *arrays[0].shape)
-        batch, buffer, send = (buffers.take(shape) if buffers is not None
-                               else (torch.empty(shape, dtype=torch.uint8), None, True))
+        batch, buffer, send = (buffers.take(shape, dtype) if buffers is not None
+                               else (torch.empty(shape, dtype=dtype), None, True))
         images = batch.numpy()
         np.stack(arrays, out=images)
         if any(flips):
@@ -118,6 +120,8 @@ def _pinning() -> bool:
 
 class ShardLoader:
     """Iterable of `(images uint8 Bx3xHxW, labels int64 B, keys)`; built by make_loader.
+    Over latent shards (`latent`: their LatentFormat, else None) the first item is the
+    batch of latents as stored per sample: float16 B x C x h x w, or int64 codes.
 
     After a pass: `num_seen`, `num_skipped` (this rank) and `expected_total` (all ranks:
     the manifest's count, or max_samples, None without a manifest). `epoch_size` is T,
@@ -131,6 +135,8 @@ class ShardLoader:
         self.num_workers = num_workers
         self.manifest = dataset.shards.manifest
         self.image_size = dataset.image_size
+        self.latent = dataset.latent
+        self._rows_of_pixels = dataset.latent is None  # images: B x H x W x 3 in memory
         self.expected_total = dataset.expected_total()
         self.num_seen = 0
         self.num_skipped = 0
@@ -184,7 +190,10 @@ class ShardLoader:
             self.num_seen += len(item.keys)
             self._yielded += 1
             # B x H x W x 3 rows -> B x 3 x H x W, channels-last: no copy on the host.
-            yield images.permute(0, 3, 1, 2), torch.from_numpy(item.labels), item.keys
+            # Latents are stacked as stored (B x C x h x w): nothing to lay out.
+            if self._rows_of_pixels:
+                images = images.permute(0, 3, 1, 2)
+            yield images, torch.from_numpy(item.labels), item.keys
 
     def _lend(self, item: _Batch, loader: DataLoader) -> torch.Tensor:
         """The batch in a worker's reused buffer, without a copy (see _BatchBuffers).

@@ -9,6 +9,7 @@ stream a second time). Rank and world size are passed in or read from
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -17,7 +18,8 @@ from ..shards import MANIFEST_NAME
 from ..utils import PipelineError
 from .epochs import check_streams
 from .handover import ShardLoader
-from .spec import Spec, resolve_spec
+from .latents import LatentFormat, latent_format
+from .spec import ShardSet, Spec, resolve_spec
 from .stream import EvalStream, TrainStream
 
 MODES = ("train", "eval")
@@ -77,12 +79,18 @@ def make_train_loader(spec: Spec, batch_size: int, num_workers: int = 2, seed: i
                    interleave=interleave, batch_size=batch_size, num_workers=num_workers,
                    start_batch=start_batch, shuffle_buffer=shuffle_buffer)
     shards = resolve_spec(spec, allow_pipe)
+    latent = _latent_format(shards)
+    if flip and latent is not None:
+        raise PipelineError(f"make_train_loader: flip=True mirrors images, but {spec!r} holds "
+                            f"latents (a mirrored image's latent is not the mirrored latent): "
+                            f"pass flip=False, or encode with `pipeline encode --flip both`")
     rank, world_size = _distributed_position(rank, world_size)
     dataset = TrainStream(shards=shards, batch_size=batch_size, rank=rank,
                           world_size=world_size, on_error=on_error,
                           image_size=shards.manifest.get("image_size") if shards.manifest else None,
-                          seed=seed, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
-                          flip=flip, sampling=sampling, interleave=interleave)
+                          latent=latent, seed=seed, start_batch=start_batch,
+                          shuffle_buffer=shuffle_buffer, flip=flip, sampling=sampling,
+                          interleave=interleave)
     if sampling == "exact":
         # Counted here once (if no manifest gives the counts), not in every worker.
         check_streams(sum(dataset.epoch_counts()), world_size, max(1, num_workers),
@@ -106,8 +114,13 @@ def make_eval_loader(spec: Spec, batch_size: int, num_workers: int = 2,
     dataset = EvalStream(shards=shards, batch_size=batch_size, rank=rank,
                          world_size=world_size, on_error=on_error,
                          image_size=shards.manifest.get("image_size") if shards.manifest else None,
-                         max_samples=max_samples)
+                         latent=_latent_format(shards), max_samples=max_samples)
     return ShardLoader(dataset, num_workers)
+
+
+def _latent_format(shards: ShardSet) -> LatentFormat | None:
+    """Latent shards say so in their manifest; shards without one are read as images."""
+    return latent_format(shards.manifest, Path(shards.urls[0]).parent / MANIFEST_NAME)
 
 
 def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: int = 2,
@@ -124,7 +137,10 @@ def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: i
     the spec; a manifest's entries are never run as commands either way.
 
     Images are uint8 B x 3 x H x W in channels-last memory; `normalize` turns them
-    into contiguous (or channels-last) float on the device. A batch with workers lives
+    into contiguous (or channels-last) float on the device. Latent shards (their
+    manifest says so) give their latents as stored per sample instead: float16
+    B x C x h x w (VAE moments: B x 2C x h x w, see `sample_moments`) or int64 codes;
+    flip=True is refused for them. A batch with workers lives
     in a buffer its worker refills once no tensor refers to it any more, so holding
     on to batches is safe (the worker then uses other buffers).
     """

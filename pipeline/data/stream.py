@@ -21,6 +21,9 @@ shards round-robin over slots when there are enough of them, otherwise every slo
 all shards and keeps the samples whose global index falls on it. A corrupt shard or
 sample is skipped with a ShardWarning and counted, so `num_seen + num_skipped` summed
 over ranks equals the manifest's count (or it raises, with on_error="raise").
+
+Latent shards (`latent`: the LatentFormat of their manifest) go through the same
+streams, plans and checks; a sample is then its latent member as stored, not an image.
 """
 from __future__ import annotations
 
@@ -39,12 +42,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..shards import TarFormatError, iter_samples
 from ..utils import PipelineError
+from .decode import npy_array
 from .epochs import (Segment, _interleaved, _shard_order, _shuffled, check_streams,
                      count_samples, epoch_order, stream_segments, stream_share)
 from .handover import _Batch, _BatchBuffers, _batched, _WorkerReport
+from .latents import LatentFormat
 from .spec import ShardSet, ShardWarning, open_shard
 
-# A decoded sample: (image H x W x 3, label, key, mirror it?)
+# A decoded sample: (image H x W x 3 or latent as stored, label, key, mirror it?)
 Sample = tuple[np.ndarray, int, str, bool]
 # A sample read but not decoded: (shard url, key, members, mirror it?)
 Raw = tuple[str, str, dict[str, bytes], bool]
@@ -93,6 +98,7 @@ class ShardReader(IterableDataset):
     world_size: int = 1
     on_error: str = "warn"
     image_size: int | None = None
+    latent: LatentFormat | None = None  # latent shards: what each sample holds (else images)
     buffer_flags: torch.Tensor | None = None  # shared busy flags of the workers' buffers
     pinned: bool = False  # the DataLoader pins batches: send every batch to its pin thread
     _state: _WorkerState = field(default_factory=_WorkerState, init=False, repr=False)
@@ -121,6 +127,10 @@ class ShardReader(IterableDataset):
 
     def epoch_size(self) -> int | None:
         return self.expected_total()
+
+    @property
+    def batch_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.latent is None else self.latent.batch_dtype
 
     def _batch_buffers(self, worker: int) -> _BatchBuffers | None:
         """This worker's buffers; kept across passes, as persistent (eval) workers live on."""
@@ -167,6 +177,8 @@ class ShardReader(IterableDataset):
 
     def _decode(self, url: str, key: str, members: dict[str, bytes],
                 flip: bool = False) -> Sample | None:
+        if self.latent is not None:
+            return self._decode_latent(url, key, members)
         try:
             image, label = _decode_image(members), int(members["cls"])
         except Exception as error:  # noqa: BLE001 - PIL, libpng and numpy raise many types
@@ -180,6 +192,24 @@ class ShardReader(IterableDataset):
                                 f"set is {size}x{size}: mixed resolutions; "
                                 f"re-run `pipeline prepare` for this shard")
         return image, label, key, flip
+
+    def _decode_latent(self, url: str, key: str, members: dict[str, bytes]) -> Sample | None:
+        """A latent sample as its manifest declares it; a sample of another shape or
+        dtype means the shard is not the manifest's (never flipped: see make_train_loader)."""
+        fmt = self.latent
+        try:
+            if fmt.member not in members:
+                raise ValueError(f"no {fmt.member} member in {sorted(members)}")
+            latent, label = npy_array(members[fmt.member]), int(members["cls"])
+        except Exception as error:  # noqa: BLE001 - as for images: counted and skipped
+            self._fail(f"sample {key} of shard {url}", error, 1)
+            return None
+        if latent.shape != fmt.shape or latent.dtype != fmt.dtype:
+            raise PipelineError(f"shard {url}: sample {key} holds a {latent.dtype} latent of "
+                                f"shape {latent.shape}, but its manifest declares {fmt.dtype} "
+                                f"{fmt.shape}: the shard and manifest are of different "
+                                f"`pipeline encode` runs; re-run it")
+        return latent, label, key, False
 
 
 @dataclass(kw_only=True)
@@ -197,7 +227,7 @@ class EvalStream(ShardReader):
     def _batches(self, worker: int, num_workers: int) -> Iterator[_Batch]:
         slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
         return _batched(self._eval_samples(slot, slots), self.batch_size,
-                        self._batch_buffers(worker))
+                        self._batch_buffers(worker), self.batch_dtype)
 
     def _eval_plan(self) -> list[tuple[str, int | None, int | None, int | None]]:
         """(url, count, limit, global index of its first sample) of the shards to evaluate."""
@@ -272,7 +302,7 @@ class TrainStream(ShardReader):
             samples = self._exact_samples(stream_index, num_workers, skip)
         else:
             samples = self._resampled_samples(stream_index, skip)
-        return _batched(samples, self.batch_size, self._batch_buffers(worker))
+        return _batched(samples, self.batch_size, self._batch_buffers(worker), self.batch_dtype)
 
     def _endless(self, part: Callable[[int], Iterator[Raw]], first: int, skip: int,
                  give_up: int, failure: Callable[[int], str]) -> Iterator[Sample]:

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import on_main_process
 from ..config import to_yaml
 from ..layout import EVALUATE_CONFIG_NAME, LOCK_NAME
 from ..locking import Lock, acquire
-from ..utils import PipelineError
 from .checkpoints import Checkpoint, check_resolution, checkpoint_dir, load_checkpoints
 from .config import EvaluateConfig, build_parser, resolve_config
 from .outputs import (fixed_image_files, load_fixed_images, metrics_record, warn_if_incomplete,
@@ -82,28 +82,6 @@ def evaluate_checkpoint(ckpt: Checkpoint, manifest: dict[str, Any],
 
     result = on_main_process(accelerator, summarize_and_write, f"writing {ckpt.name}")
     ckpt.model.to("cpu")  # free accelerator memory for the next checkpoint
-    return result
-
-
-def on_main_process(accelerator, fn, what: str):
-    """fn() on the main process only; every process learns whether it failed.
-
-    Without this, a failure of the main process alone (a full disk, a held lock) would
-    leave the others waiting for it at the next collective until the launcher kills them.
-    Every process must call it, in the same order.
-    """
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the others were told
-            error = e
-    flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-    failed = accelerator.reduce(flag, reduction="sum").item() > 0
-    if error is not None:
-        raise error
-    if failed:
-        raise PipelineError(f"the main process failed while {what} (its error is above)")
     return result
 
 

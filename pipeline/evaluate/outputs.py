@@ -150,10 +150,11 @@ def settings(cfg: EvaluateConfig, ckpt: Checkpoint) -> dict[str, str]:
                f"256 bins per value, evaluated at the decoded posterior mean (the model "
                f"decodes the mean in eval mode); neg_elbo = kl + nll in nats per image; "
                f"bits_per_dim = neg_elbo / (3*H*W*ln 2); bits_per_image = kl / ln 2",
-        "bits_per_image": "VQ: h*w*log2 K; FSQ: h*w*sum(log2 L_i); VAE: KL in bits; AE: null "
-                          "(see latent_size)",
+        "bits_per_image": "VQ, SimVQ: h*w*log2 K; FSQ: h*w*sum(log2 L_i); RVQ: h*w*S*(a "
+                          "stage's bits); VAE: KL in bits; AE: null (see latent_size)",
         "codebook": "codebook_usage = % of codes used at least once over the evaluated "
-                    "images; perplexity = exp(entropy) of the code frequencies",
+                    "images; perplexity = exp(entropy) of the code frequencies; both per "
+                    "code stage (*_per_stage), the model's figure their mean (RVQ: S stages)",
         "lpips": f"LPIPS v0.1 ({cfg.lpips_net}) from local files, mean over images"
                  if cfg.lpips_backbone else "not computed: pass --lpips-backbone",
         "rfid": "FID (torchmetrics, 2048-d Inception pool features) of reconstructions vs "

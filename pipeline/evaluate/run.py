@@ -38,7 +38,8 @@ class Evaluation:
         self.lpips, self.fid = lpips, fid
         sizes = {"count": 1, "skipped": 1, **{name: 1 for name in IMAGE_METRICS},
                  "class_psnr": num_classes, "class_count": num_classes,
-                 "code_counts": ckpt.model.num_codes or 0}
+                 # one block of num_codes counts per code stage (RVQ: S blocks)
+                 "code_counts": (ckpt.model.num_codes or 0) * code_stages(ckpt.model)}
         for name in MODEL_REPORTED:
             sizes.update({name: 1, f"{name}_count": 1})
         self.sums = metrics.SumReducer(sizes, device)
@@ -82,7 +83,7 @@ class Evaluation:
             self._add_reported("rate_bits", rate)
         indices = self.model.code_indices(stats)
         if indices is not None:
-            flat = indices.flatten()
+            flat = stage_offset_indices(indices, self.model).flatten()
             self.sums.add_at("code_counts", flat, torch.ones_like(flat, dtype=torch.float64))
 
     def _add_reported(self, name: str, per_image: Tensor) -> None:
@@ -102,6 +103,27 @@ class Evaluation:
             rfid = self.fid.compute().item()
             self.fid.reset()  # the next checkpoint starts from no features
         return totals, worst, rfid
+
+
+def code_stages(model) -> int:
+    """Code indices per latent position: 1, or S for a residual quantiser."""
+    return model.bottleneck.code_stages
+
+
+def stage_offset_indices(indices: Tensor, model) -> Tensor:
+    """B×h×w indices, or B×S×h×w for S code stages shifted by stage·num_codes, so that
+    one count vector holds every stage's counts in turn."""
+    stages = code_stages(model)
+    if stages == 1:
+        return indices
+    offsets = torch.arange(stages, device=indices.device) * model.num_codes
+    return indices + offsets.view(1, stages, 1, 1)
+
+
+def stage_code_usage(counts: Tensor, stages: int) -> tuple[list[float], list[float]]:
+    """(percent of codes used, perplexity) of each stage's block of the code counts."""
+    figures = [metrics.code_usage(block) for block in counts.view(stages, -1)]
+    return [usage for usage, _ in figures], [perplexity for _, perplexity in figures]
 
 
 def run_pass(ckpt: Checkpoint, manifest: dict[str, Any], cfg: EvaluateConfig,
@@ -153,8 +175,12 @@ def summarize(ckpt: Checkpoint, totals: dict[str, Tensor], worst: list[tuple[flo
     kl, nll = reported_mean(totals, "kl"), reported_mean(totals, "nll")
     neg_elbo = kl + nll if kl is not None and nll is not None else None
     pixel_values = cfg.in_channels * cfg.image_size ** 2
-    usage, perplexity = (metrics.code_usage(totals["code_counts"])
-                         if model.num_codes is not None else (None, None))
+    usage = perplexity = usage_per_stage = perplexity_per_stage = None
+    if model.num_codes is not None:
+        stages = code_stages(model)
+        usage_per_stage, perplexity_per_stage = stage_code_usage(totals["code_counts"], stages)
+        # The whole model's figures are the means over its stages (docs/interfaces.md).
+        usage, perplexity = sum(usage_per_stage) / stages, sum(perplexity_per_stage) / stages
     return {
         "num_samples": int(n), "num_skipped": int(totals["skipped"].item()),
         "psnr": mean["psnr"], "psnr_of_mean_mse": metrics.psnr_from_mse(mean["mse"]),
@@ -165,6 +191,7 @@ def summarize(ckpt: Checkpoint, totals: dict[str, Tensor], worst: list[tuple[flo
         "bits_per_image": reported_mean(totals, "rate_bits"),
         "latent_shape": latent_shape, "latent_size": math.prod(latent_shape),
         "codebook_usage": usage, "perplexity": perplexity,
+        "codebook_usage_per_stage": usage_per_stage, "perplexity_per_stage": perplexity_per_stage,
         "per_class_psnr": per_class_psnr(totals["class_psnr"], totals["class_count"], classes),
         "worst": [{"key": key, "psnr": psnr} for psnr, key in worst],
     }

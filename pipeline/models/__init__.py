@@ -1,10 +1,11 @@
 """Autoencoders on 64×64 images in [-1, 1]: `--model ae|vae|vqvae` × `--arch basic|resnet`
-(× `--model.quantizer vq|fsq` for the VQ-VAE).
+(× `--model.quantizer vq|fsq|simvq|rvq` for the VQ-VAE).
 
 Models know tensors only (no shards, trainer or tracker). Callers ask the model what its
 latent is (`kind`, `quantizer_name`, `num_codes`, `has_prior`, `bits_per_image`) and,
 from a forward pass's stats, `rate_bits`, `code_indices`, `kl_per_image`, `logged_stats`,
-rather than branching on names. Typical use::
+rather than branching on names; what `pipeline encode` stores is theirs too
+(`latent_kind`, `encode_latents`, `decode_latents`). Typical use::
 
     model = build_model(cfg.model)
     out = model(x)                                   # ModelOutput(recon, terms, stats)
@@ -17,15 +18,18 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from ..config import Config, ModelConfig, validate
-from . import basic, bottleneck, fsq, resnet, vq  # noqa: F401  (register every part)
+from . import basic, bottleneck, fsq, resnet, rvq, simvq, vq  # noqa: F401 (register them all)
 from .autoencoder import AutoEncoder, ModelOutput
 from .bottleneck import Bottleneck, Quantizer
 from .export import from_pretrained, read_export_config, save_pretrained
 from .fsq import FSQ
-from .losses import compute_loss, kl_beta
+from .discriminator import PatchDiscriminator, build_discriminator
+from .losses import Objective, PerceptualLoss, compute_loss, kl_beta, load_perceptual
 from .registry import (_QUANTIZERS, get_bottleneck, get_family, get_quantizer, list_archs,
                        list_kinds, list_models, list_quantizers, register_arch, register_model,
                        register_quantizer)
+from .rvq import ResidualQuantizer
+from .simvq import SimVQ
 from .vq import VectorQuantizer
 
 # Quantiser name -> builder, as registered (read-only; register with @register_quantizer).
@@ -43,7 +47,9 @@ def build_model(model_cfg: ModelConfig) -> AutoEncoder:
 
 
 __all__ = ["AutoEncoder", "Bottleneck", "FSQ", "ModelOutput", "QUANTIZERS", "Quantizer",
+           "ResidualQuantizer", "SimVQ",
            "VectorQuantizer", "build_model", "compute_loss", "from_pretrained", "get_quantizer",
            "kl_beta", "list_archs", "list_kinds", "list_models", "list_quantizers",
            "read_export_config", "register_arch", "register_model", "register_quantizer",
-           "save_pretrained"]
+           "save_pretrained", "Objective", "PatchDiscriminator", "PerceptualLoss",
+           "build_discriminator", "load_perceptual"]

@@ -42,7 +42,7 @@ class AutoEncoder(nn.Module):
 
     @property
     def quantizer_name(self) -> str | None:
-        """"vq" | "fsq" for a VQ-VAE, None otherwise."""
+        """"vq" | "fsq" | "simvq" | "rvq" for a VQ-VAE, None otherwise."""
         return self.bottleneck.quantizer_name
 
     @property
@@ -55,6 +55,11 @@ class AutoEncoder(nn.Module):
     def has_prior(self) -> bool:
         """Whether `sample()` works (the VAE)."""
         return self.bottleneck.has_prior
+
+    @property
+    def latent_kind(self) -> str:
+        """What `encode_latents` gives: "latent" (AE), "moments" (VAE), "codes" (quantisers)."""
+        return self.bottleneck.latent_kind
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -100,6 +105,21 @@ class AutoEncoder(nn.Module):
         return self.bottleneck.encode(self.encoder(x))
 
     def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def encode_latents(self, x: Tensor) -> Tensor:
+        """What `pipeline encode` stores (call in eval mode): AE z (B×C×h×w); VAE the
+        posterior's cat(mean, logvar) (B×2C×h×w, float32); quantisers the code indices
+        (int64 B×h×w, or B×S×h×w for S code stages)."""
+        return self.bottleneck.encode_latents(self.encoder(x))
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] from stored latents: the model's own reconstructions (the
+        VAE decodes the mean half of its moments). Float latents of another precision
+        (the float16 of latent shards) are cast to the decoder's."""
+        z = self.bottleneck.decoder_input(latents)
+        if z.is_floating_point():
+            z = z.to(next(self.decoder.parameters()).dtype)
         return self.decoder(z)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

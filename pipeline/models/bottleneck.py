@@ -2,13 +2,15 @@
 
 A bottleneck maps encoder features to the latent the decoder reads and reports its raw
 loss terms (weighted later by `compute_loss`) and detached statistics. `ae` is the
-identity, `vae` the diagonal Gaussian; the quantisers (`vq.py`, `fsq.py`) share
-`Quantizer`.
+identity, `vae` the diagonal Gaussian; the quantisers (`vq.py`, `fsq.py`, `simvq.py`,
+`rvq.py`) share `Quantizer`.
 
 A bottleneck is also what the rest of the pipeline asks about the model instead of
 branching on names: its kind, its code alphabet, whether it has a prior, and, from the
 `stats` of a forward pass, the per-image rate, the code indices, the KL and the scalar
 statistics worth logging. The base class gives the answers of a continuous latent.
+What `pipeline encode` stores (`encode_latents`: the latent, the VAE's moments, the
+codes) and how the decoder reads it back (`decoder_input`) are the bottleneck's too.
 """
 from __future__ import annotations
 
@@ -40,9 +42,20 @@ class Bottleneck(nn.Module):
     bits_per_position: float | None = None  # information per latent position (quantisers)
     num_codes: int | None = None            # code alphabet of one latent position (quantisers)
     has_prior: bool = False                 # sample_prior() works
+    latent_kind: str = "latent"             # what encode_latents gives: latent | moments | codes
+    code_stages: int = 1                    # codes per latent position (RVQ: its stages)
 
     def encode(self, h: Tensor) -> Tensor:
         return self(h).z
+
+    def encode_latents(self, h: Tensor) -> Tensor:
+        """What `pipeline encode` stores for encoder features h (eval mode): the latent."""
+        return self(h).z
+
+    def decoder_input(self, latents: Tensor) -> Tensor:
+        """The decoder's input for stored latents: decoding it gives the model's own
+        reconstruction, as `forward` would."""
+        return latents
 
     def rate_bits(self, stats: dict[str, Tensor]) -> Tensor | None:
         """Per-image rate in bits (B,); None for a latent without a finite rate."""
@@ -59,6 +72,11 @@ class Bottleneck(nn.Module):
     def logged_stats(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
         """Detached scalar statistics worth logging, under their logged names."""
         return {}
+
+    def diffusers_codebook(self) -> Tensor | None:
+        """K×D codes a plain Euclidean nearest-code lookup (diffusers' VectorQuantizer)
+        must hold to quantise as this bottleneck does; None when it cannot (no codebook)."""
+        return None
 
     def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None,
                      device: torch.device) -> Tensor:
@@ -88,6 +106,7 @@ class GaussianBottleneck(Bottleneck):
 
     kind = "vae"
     has_prior = True
+    latent_kind = "moments"
 
     def __init__(self, channels: int, logvar_clamp: tuple[float, float] = (-30.0, 20.0)):
         super().__init__()
@@ -105,6 +124,15 @@ class GaussianBottleneck(Bottleneck):
         mean, logvar = self.posterior(h)
         z = self._sample(mean, logvar) if self.training else mean
         return z.to(h.dtype)
+
+    def encode_latents(self, h: Tensor) -> Tensor:
+        """The posterior's moments cat(mean, logvar), B×2C×h×w float32: a later stage can
+        draw a fresh sample each epoch, as latent-diffusion trainers do."""
+        return torch.cat(self.posterior(h), dim=1)
+
+    def decoder_input(self, latents: Tensor) -> Tensor:
+        """The mean half of the moments: what the decoder reads in eval mode."""
+        return latents[:, :self.latent_channels]
 
     def forward(self, h: Tensor) -> BottleneckOutput:
         mean, logvar = self.posterior(h)
@@ -129,19 +157,36 @@ class GaussianBottleneck(Bottleneck):
 
     @staticmethod
     def _sample(mean: Tensor, logvar: Tensor) -> Tensor:
-        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        # Drawn in logical order, not randn_like's memory order: a channels-last run gets
+        # the noise of a contiguous one (the same numbers as before for contiguous runs).
+        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+        return mean + torch.exp(0.5 * logvar) * noise
 
 
 class Quantizer(Bottleneck):
-    """A discrete latent: one of `num_codes` codes per latent position, whose index is in
-    `stats["indices"]` (B×h×w), with the code-usage statistics of `usage.CodeUsage`."""
+    """A discrete latent: one of `num_codes` codes per latent position (and code stage),
+    whose index is in `stats["indices"]` (B×h×w; B×S×h×w for `code_stages` S > 1), with
+    the code-usage statistics of `usage.CodeUsage`."""
 
     kind = "vqvae"
+    latent_kind = "codes"
     # Prefix of the logged usage statistics (kept "vq/" for FSQ too: runs compare by it).
     LOGGED_PREFIX = "vq/"
 
     def code_indices(self, stats: dict[str, Tensor]) -> Tensor:
         return stats["indices"]
+
+    def encode_latents(self, h: Tensor) -> Tensor:
+        """The code indices, int64 B×h×w (a quantiser with code_stages S > 1 overrides
+        this to give B×S×h×w)."""
+        return self.code_indices(self(h).stats)
+
+    def decoder_input(self, latents: Tensor) -> Tensor:
+        return self.latent_from_codes(latents)
+
+    def latent_from_codes(self, codes: Tensor) -> Tensor:
+        """The decoder's input z (B×D×h×w) for code indices as `encode_latents` gives them."""
+        raise NotImplementedError(f"{type(self).__name__} does not map codes back to latents")
 
     def rate_bits(self, stats: dict[str, Tensor]) -> Tensor:
         """The constant code size: h·w·bits_per_position for every image (float64, so the
@@ -172,6 +217,6 @@ def build_gaussian(cfg: ModelConfig) -> Bottleneck:
 
 @register_model("vqvae")
 def build_quantizer(cfg: ModelConfig) -> Bottleneck:
-    """`--model vqvae` with `--model.quantizer vq|fsq` (a name validate() has checked):
-    same interface, so the report can set the two side by side at equal bits."""
+    """`--model vqvae` with `--model.quantizer vq|fsq|simvq|rvq` (a name validate() has
+    checked): same interface, so the report can set them side by side at equal bits."""
     return get_quantizer(cfg.quantizer)(cfg)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from .bottleneck import BottleneckOutput, Quantizer
+from .quantization import code_counts
 from .registry import register_quantizer
 from .usage import CodeUsage
 
@@ -72,11 +73,15 @@ class FSQ(Quantizer):
         digits = (indices.unsqueeze(-1) // self.basis) % self.levels.long()
         return (digits - self.half_width) / self.half_width
 
+    def latent_from_codes(self, codes: Tensor) -> Tensor:
+        """B×h×w indices -> their grid points B×d×h×w in [-1, 1], as `forward` gives them."""
+        return rearrange(self.indices_to_codes(codes), "b h w d -> b d h w")
+
     def forward(self, z: Tensor) -> BottleneckOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):
             codes = self.quantize(rearrange(z.float(), "b d h w -> b h w d"))
             indices = self.codes_to_indices(codes.detach())
-        counts = torch.bincount(indices.flatten(), minlength=self.num_codes).float()
+        counts = code_counts(indices, self.num_codes)
         stats = {"indices": indices, **self.usage(counts, record=self.training)}
         z_q = rearrange(codes, "b h w d -> b d h w").to(z.dtype)
         return BottleneckOutput(z_q, {}, stats)

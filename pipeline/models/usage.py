@@ -43,14 +43,21 @@ class CodeUsage(nn.Module):
         self.num_codes = num_codes
         # Not persistent: diagnostics only, and it would bloat every export.
         self.register_buffer("history", torch.zeros(window, num_codes), persistent=False)
-        self.steps_recorded = 0
+        # A tensor, not a Python int: torch.compile would recompile for every new value.
+        self.register_buffer("recorded", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @property
+    def steps_recorded(self) -> int:
+        """Training steps recorded so far."""
+        return int(self.recorded)
 
     def forward(self, counts: Tensor, record: bool) -> dict[str, Tensor]:
         """Stats of this batch's `counts` and of the window (after adding them if `record`)."""
         counts = counts.detach().float()
         if record:
-            self.history[self.steps_recorded % len(self.history)] = counts
-            self.steps_recorded += 1
+            slot = (self.recorded % len(self.history)).view(1)
+            self.history.index_copy_(0, slot, counts.view(1, -1))
+            self.recorded += 1
         window_counts = self.history.sum(0)
         return {"usage": usage_fraction(counts), "perplexity": perplexity(counts),
                 "usage_window": usage_fraction(window_counts),

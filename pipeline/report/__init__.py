@@ -1,7 +1,9 @@
 """`pipeline report`: compare evaluated checkpoints in one self-contained HTML page + Markdown.
 
 The report reads files only: each checkpoint's `metrics.json` with the image strips written
-beside it by `pipeline evaluate`, and the `history.jsonl` training log of its run. It imports
+beside it by `pipeline evaluate`, the `history.jsonl` training log of its run, and with
+`--latents` / `--export` the manifest of `pipeline encode` and the export.json of `pipeline
+export`. It imports
 no torch, model, data or trainer code and never touches a live run, so it can be rebuilt
 wherever evaluation outputs were copied to.
 
@@ -13,6 +15,8 @@ images written under `assets/`. One concern per module:
 - `document`:  the document model (Text, Code, Table, Image, Section, Report)
 - `figures`:   matplotlib figures (rate–distortion, training curves, code usage)
 - `sections`:  the report's sections, in page order, and `build_report`
+- `handoff`:   the Hand-off section (`--latents`, `--export`): latent shards and exports
+               for the next stage, read from encode's manifest and export's export.json
 - `html`, `markdown`: the two renderers
 - `tracker`:   the W&B upload (`--tracker wandb`)
 - `cli`:       options, `write_report` and `main`

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..utils import PipelineError, atomic_dir, atomic_write_bytes, atomic_write_text
 from .document import ASSETS_DIR, HTML_NAME, MARKDOWN_NAME, Report, images_of
+from .handoff import handoff_section, read_export, read_latent_set
 from .html import render_html
 from .inputs import find_metrics_files, load_checkpoints
 from .markdown import render_markdown
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "works without network); default: none")
     parser.add_argument("--project", default="ae-pipeline",
                         help="W&B project for --tracker wandb (default: ae-pipeline)")
+    parser.add_argument("--latents", action="append", default=[], metavar="SPLIT_DIR",
+                        help="a split directory written by pipeline encode: listed (kind, "
+                             "shape, scaling factor, checkpoint) in a Hand-off section; "
+                             "repeatable")
+    parser.add_argument("--export", action="append", default=[], metavar="DIR",
+                        help="a directory written by pipeline export: listed in the Hand-off "
+                             "section; repeatable")
     return parser
 
 
@@ -52,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise PipelineError(f"--output {out_dir}: exists and is not a directory")
+    latents = [read_latent_set(path) for path in args.latents]
+    exports = [read_export(path) for path in args.export]
     checkpoints = load_checkpoints(find_metrics_files(args.inputs))
-    report_path = write_report(build_report(checkpoints, args.title), out_dir)
+    extra = [handoff_section(latents, exports)] if latents or exports else []
+    report_path = write_report(build_report(checkpoints, args.title, extra), out_dir)
     if args.tracker == "wandb":
         log_to_wandb(checkpoints, out_dir, args.title, args.project)
     print(report_path)

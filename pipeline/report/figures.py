@@ -129,17 +129,34 @@ def perplexity_of(counts: list[float]) -> float:
     return math.exp(entropy)
 
 
+def code_stages_of(ck: Checkpoint, counts: list[float]) -> int:
+    """Code stages whose counts code_usage.json holds one after the other: the length of
+    metrics.json's per-stage usage (RVQ), when the counts split evenly into it."""
+    per_stage = ck.metrics.get("codebook_usage_per_stage")
+    stages = len(per_stage) if isinstance(per_stage, list) and per_stage else 1
+    return stages if len(counts) % stages == 0 else 1
+
+
 def code_usage_figure(ck: Checkpoint, counts: list[float]) -> Image:
+    """Sorted code counts; one panel per stage for a residual quantiser."""
+    stages = code_stages_of(ck, counts)
+    size = len(counts) // stages
+    fig = new_figure(8, 2.4 * stages)
+    for stage, ax in enumerate(fig.subplots(stages, 1, squeeze=False)[:, 0]):
+        block = counts[stage * size:(stage + 1) * size]
+        name = f"{ck.label}, stage {stage}" if stages > 1 else ck.label
+        draw_code_counts(ax, block, name)
+    return figure_image(fig, f"c{ck.index:02d}-code-usage.png", f"code usage of {ck.label}")
+
+
+def draw_code_counts(ax, counts: list[float], name: str) -> None:
     ranked = sorted(counts, reverse=True)
     used = sum(1 for c in counts if c > 0)
-    fig = new_figure(8, 2.4)
-    ax = fig.subplots()
     ax.fill_between(range(len(ranked)), ranked, step="post", color="C0", alpha=0.8)
     ax.set_xlim(0, max(len(ranked), 1))
     ax.set_xlabel("code rank (most used first)")
     ax.set_ylabel("count")
     total = sum(counts)
     perplexity = f", perplexity {perplexity_of(counts):.1f}" if total > 0 else ""
-    ax.set_title(mpl_text(f"{ck.label}: {used} of {len(counts)} codes used "
+    ax.set_title(mpl_text(f"{name}: {used} of {len(counts)} codes used "
                           f"({100 * used / max(len(counts), 1):.1f}%){perplexity}"), fontsize=9)
-    return figure_image(fig, f"c{ck.index:02d}-code-usage.png", f"code usage of {ck.label}")

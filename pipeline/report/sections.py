@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -219,7 +219,8 @@ def bottleneck_section(checkpoints: list[Checkpoint], runs: list[Run]) -> Sectio
     blocks.append(Text("VAE prior samples (decoded from z ~ N(0, I)):"))
     blocks.append(Table(["checkpoint", "samples"], priors) if priors else
                   Text("Not available: no checkpoint has prior samples (VAE only)."))
-    blocks.append(Text("Code usage (sorted code counts over the evaluated images):"))
+    blocks.append(Text("Code usage (sorted code counts over the evaluated images; one panel "
+                       "per stage for residual quantisers):"))
     figures = [code_usage_figure(ck, counts)
                for ck in checkpoints if (counts := ck.code_counts()) is not None]
     blocks += figures or [Text("Not available: no checkpoint has code usage (VQ/FSQ only).")]
@@ -299,10 +300,13 @@ SECTION_BUILDERS: tuple[Callable[[list[Checkpoint], list[Run]], Section], ...] =
 )
 
 
-def build_report(checkpoints: list[Checkpoint], title: str) -> Report:
+def build_report(checkpoints: list[Checkpoint], title: str,
+                 extra: Sequence[Section] = ()) -> Report:
+    """The report's sections, then `extra` ones (the hand-off) before the details."""
     runs = group_runs(checkpoints)
     sections = [build(checkpoints, runs)
                 for build in tqdm(SECTION_BUILDERS, desc="building report", unit="section")]
+    sections[-1:-1] = extra
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = (provenance()["git_commit"] or "unknown")[:12]
     subtitle = (f"{len(checkpoints)} checkpoint(s) from {len(runs)} run(s); generated {when} "

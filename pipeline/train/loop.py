@@ -1,7 +1,8 @@
 """The training loop, top to bottom: `train` sets up and always takes down; `train_loop`
 is the loop; the helpers below it are its steps.
 
-Each step draws `grad_accum` batches, runs forward + backward, agrees across ranks on
+Each step draws `grad_accum` batches, runs forward + backward (with the adversarial loss
+also the discriminator's forward + backward on the same batch), agrees across ranks on
 "stop?" and "non-finite?" with one tiny all-reduce (`signals.agree`), then clips, steps
 and updates the EMA; logging, validation, image grids and checkpoints follow when their
 step comes. The learning rate is a pure function of the step (`get_lr`), so the
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoint import TrainerState, collectively
 from ..config import Config, OptimConfig
-from ..data import make_loader, normalize
+from ..data import CachedLoader, fill_cache, make_loader, normalize, plan_cache
 from ..layout import PREEMPTED_NAME
 from ..models import compute_loss
 from ..utils import PipelineError
@@ -97,46 +98,85 @@ class StepResult:
     lr: float
     grad_norm: Tensor | None   # None: the step was skipped (non-finite)
     verdict: Verdict
+    disc_grad_norm: Tensor | None = None  # None: no discriminator step
 
 
 def training_step(run: Run, state: TrainerState, batches: Iterator, window: "Window",
                   stop: StopSignal) -> StepResult:
     """One optimizer step: lr, `grad_accum` forward/backward passes, the agreement across
-    ranks, then clip + step + EMA (or the non-finite policy)."""
+    ranks, then clip + step + EMA (or the non-finite policy). From step
+    `--loss.disc_start + 1` on, the discriminator steps with the autoencoder."""
     state.step += 1
     lr = get_lr(state.step, run.cfg.optim, run.cfg.train.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    adversarial = run.objective is not None and run.objective.adversarial_at(state.step)
     losses, stats = forward_backward(run, batches, window, state.step)
     state.batches_consumed += run.cfg.train.grad_accum
     verdict = agree(run.accelerator, losses, stop_requested=stop.received is not None)
-    grad_norm = None
+    grad_norm = disc_grad_norm = None
     if verdict.nonfinite:
         handle_nonfinite(run, state, verdict, losses)
+    elif adversarial:
+        grad_norm, disc_grad_norm = optimizer_step_with_discriminator(run)
     else:
         grad_norm = optimizer_step(run)
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(losses, stats, lr, grad_norm, verdict)
+    if run.disc_optimizer is not None:
+        run.disc_optimizer.zero_grad(set_to_none=True)
+    return StepResult(losses, stats, lr, grad_norm, verdict, disc_grad_norm)
 
 
 def forward_backward(run: Run, batches: Iterator, window: "Window",
                      step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """`grad_accum` micro-batches of forward + backward; returns the mean of their loss
-    terms and the mean of the stats the model asks to log."""
+    terms and the mean of the stats the model asks to log.
+
+    With the adversarial loss active at `step`, each micro-batch also runs the
+    discriminator's loss on the same real images and (detached) reconstructions and its
+    backward; `accelerator.accumulate` then covers both models (no gradient all-reduce
+    before the last micro-batch, for either)."""
     cfg, accelerator, module = run.cfg, run.accelerator, run.module
+    objective = run.objective
+    adversarial = objective is not None and objective.adversarial_at(step)
+    models = (run.model, run.disc) if adversarial else (run.model,)
     losses: dict[str, Tensor] = {}
     stats: dict[str, Tensor] = {}
     for _ in range(cfg.train.grad_accum):
         images = window.next_batch(batches).to(accelerator.device, non_blocking=True)
         x = normalize(images, torch.channels_last if cfg.train.channels_last
                       else torch.contiguous_format)
-        with accelerator.accumulate(run.model):
+        with accelerator.accumulate(*models):
             out = run.model(x)
             loss, parts = compute_loss(out, x, cfg.loss, step)
+            if objective is not None:
+                loss, parts = objective.add_generator_terms(
+                    module, out, x, loss, parts, step,
+                    mean_over_ranks=mean_over_ranks(accelerator) if adversarial else None,
+                    loss_scale=loss_scale(run) if adversarial else None)
             accelerator.backward(loss)
+            if adversarial:
+                d_loss, d_parts = objective.discriminator_loss(run.disc, x, out.recon)
+                accelerator.backward(d_loss)
+                parts.update(d_parts)
         add_mean(losses, loss_terms(loss, parts), cfg.train.grad_accum)
         add_mean(stats, module.logged_stats(out.stats), cfg.train.grad_accum)
     return losses, stats
+
+
+def mean_over_ranks(accelerator):
+    """An all-reduce mean across ranks for the adaptive weight's gradients (None alone)."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda tensor: accelerator.reduce(tensor, "mean")
+
+
+def loss_scale(run: Run) -> Tensor | None:
+    """The fp16 loss scale as a tensor (no host sync), None without loss scaling."""
+    scaler = run.accelerator.scaler
+    if scaler is None:
+        return None
+    return scaler.scale(torch.ones((), device=run.accelerator.device))
 
 
 def loss_terms(loss: Tensor, parts: dict[str, Any]) -> dict[str, Tensor]:
@@ -160,6 +200,49 @@ def optimizer_step(run: Run) -> Tensor:
     if run.ema is not None:
         run.ema.update(run.module)
     return grad_norm
+
+
+def optimizer_step_with_discriminator(run: Run) -> tuple[Tensor, Tensor]:
+    """Clip and step the autoencoder and the discriminator, update the EMA; returns both
+    pre-clip grad norms (the discriminator is clipped only with --disc.grad_clip)."""
+    cfg = run.cfg
+    grad_norm, disc_grad_norm = step_together(run.accelerator.scaler, [
+        (run.optimizer, list(run.model.parameters()), cfg.optim.grad_clip or float("inf")),
+        (run.disc_optimizer, list(run.disc.parameters()), cfg.disc.grad_clip or float("inf"))])
+    if run.ema is not None:
+        run.ema.update(run.module)
+    return grad_norm, disc_grad_norm
+
+
+def step_together(scaler, groups: list[tuple[torch.optim.Optimizer, list[Tensor], float]]
+                  ) -> list[Tensor]:
+    """Unscale, clip and step each (optimizer, parameters, max_norm) group, then update the
+    fp16 loss scale once; returns each group's pre-clip grad norm.
+
+    PyTorch's recipe for several optimizers on one GradScaler. Accelerate's own calls do
+    not compose for two: its `clip_grad_norm_` unscales every prepared optimizer, and its
+    `optimizer.step()` calls `scaler.update()` after each one, which forgets which
+    optimizers were unscaled (the second one's gradients would be divided by the scale
+    twice) and may change the scale between the two steps. Without a scaler this is
+    clip + step of each."""
+    norms = []
+    for optimizer, params, max_norm in groups:
+        if scaler is not None:
+            scaler.unscale_(_inner(optimizer))
+        norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    for optimizer, _params, _max_norm in groups:
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(_inner(optimizer))  # skips an optimizer with inf/nan gradients
+    if scaler is not None:
+        scaler.update()
+    return norms
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's AcceleratedOptimizer (itself otherwise)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def handle_nonfinite(run: Run, state: TrainerState, verdict: Verdict,
@@ -210,6 +293,8 @@ def train_metrics(run: Run, state: TrainerState, result: StepResult, window: "Wi
                                                   epoch_size)
     if result.grad_norm is not None:
         metrics["train/grad_norm"] = float(result.grad_norm)
+    if result.disc_grad_norm is not None:
+        metrics["train/d_grad_norm"] = float(result.disc_grad_norm)
     metrics.update(window.perf(accelerator.num_processes))
     metrics.update(peak_memory_gb(accelerator.device))
     return metrics
@@ -261,13 +346,33 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
 # ---------------------------------------------------------------- the train stream
 
 def make_train_loader(run: Run, state: TrainerState):
-    """The train stream, resumed after the batches this rank already consumed."""
+    """The train stream (or with --data.cache the cached part of this rank), resumed
+    after the batches this rank already consumed."""
     cfg, accelerator, t = run.cfg, run.accelerator, run.cfg.train
+    if cfg.data.cache != "none":
+        return make_cached_train_loader(run, state)
     return make_loader(
         cfg.data.train_shards, t.batch_size, mode="train", num_workers=cfg.data.num_workers,
         seed=t.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
         start_batch=state.batches_consumed, shuffle_buffer=cfg.data.shuffle_buffer,
         flip=cfg.data.flip, sampling=cfg.data.sampling, interleave=cfg.data.interleave)
+
+
+def make_cached_train_loader(run: Run, state: TrainerState) -> CachedLoader:
+    """This rank's part of the train shards read once into GPU or host memory. All ranks
+    agree that every part fits before any rank reads, and a rank that fails to read its
+    part stops all of them."""
+    cfg, accelerator = run.cfg, run.accelerator
+    plan = collectively(accelerator, lambda: plan_cache(
+        cfg.data.train_shards, cfg.data.cache, accelerator.device,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        image_size=cfg.model.image_size), f"planning --data.cache {cfg.data.cache}")
+    cache = collectively(accelerator, lambda: fill_cache(
+        plan, cfg.data.num_workers, progress=accelerator.is_main_process),
+        f"filling --data.cache {cfg.data.cache}")
+    return CachedLoader(cache, cfg.train.batch_size, seed=cfg.train.seed, rank=plan.rank,
+                        start_batch=state.batches_consumed, flip=cfg.data.flip,
+                        device=plan.device)
 
 
 def epoch_size_of(loader, cfg: Config) -> int | None:

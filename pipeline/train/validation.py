@@ -1,7 +1,8 @@
 """Validation during training: the fixed val subset (read once), its metrics, image grids.
 
 The metrics are the training loss terms plus MSE and PSNR as `pipeline evaluate` defines
-them, summed over ranks; `val/mean_image_recon` is the bar a model must beat. None of it
+them (and, with the perceptual term on, `val/perceptual`: the training's LPIPS), summed
+over ranks; `val/mean_image_recon` is the bar a model must beat. None of it
 moves the training random stream (`rng_neutral`), so a resumed run and an uninterrupted
 one draw the same numbers.
 """
@@ -93,9 +94,10 @@ def mean_image_error(images: Tensor, cfg: Config, accelerator: Accelerator) -> f
 
 @torch.no_grad()
 def validate(model: nn.Module, val: ValSet, cfg: Config, accelerator: Accelerator,
-             step: int) -> dict[str, float]:
-    """Loss terms, MSE and PSNR on the fixed val subset; sums reduced across ranks."""
-    sums = torch.zeros(5, device=accelerator.device)  # loss, recon, mse, psnr, count
+             step: int, perceptual: nn.Module | None = None) -> dict[str, float]:
+    """Loss terms, MSE and PSNR (and the LPIPS of `perceptual`, the training's term) on
+    the fixed val subset; sums reduced across ranks."""
+    sums = torch.zeros(6, device=accelerator.device)  # loss, recon, mse, psnr, lpips, count
     for batch in val.images.split(cfg.train.batch_size):
         x = normalize(batch.to(accelerator.device))
         with accelerator.autocast():
@@ -104,14 +106,20 @@ def validate(model: nn.Module, val: ValSet, cfg: Config, accelerator: Accelerato
         # MSE and PSNR as `pipeline evaluate` defines them: on [0, 1], PSNR capped per image.
         recon01, x01 = to_unit_range(out.recon), to_unit_range(x)
         n = len(x)
+        lpips = (perceptual(out.recon, x).sum() if perceptual is not None
+                 else torch.zeros((), device=x.device))
         sums += torch.stack([loss.float() * n, parts["recon"].float() * n,
                              per_image_mse(recon01, x01).sum(),
-                             per_image_psnr(recon01, x01).sum(),
+                             per_image_psnr(recon01, x01).sum(), lpips.float(),
                              torch.tensor(float(n), device=x.device)])
-    loss_sum, recon_sum, mse_sum, psnr_sum, count = accelerator.reduce(sums, "sum").tolist()
-    return {"val/loss": loss_sum / count, "val/recon": recon_sum / count,
-            "val/mse": mse_sum / count, "val/psnr": psnr_sum / count,
-            "val/mean_image_recon": val.mean_image_recon}
+    loss_sum, recon_sum, mse_sum, psnr_sum, lpips_sum, count = accelerator.reduce(
+        sums, "sum").tolist()
+    metrics = {"val/loss": loss_sum / count, "val/recon": recon_sum / count,
+               "val/mse": mse_sum / count, "val/psnr": psnr_sum / count,
+               "val/mean_image_recon": val.mean_image_recon}
+    if perceptual is not None:
+        metrics["val/perceptual"] = lpips_sum / count
+    return metrics
 
 
 def to_grid(rows: list[Tensor]) -> np.ndarray:
@@ -149,7 +157,8 @@ def evaluate_now(run: "Run", val: ValSet, step: int, with_images: bool) -> dict[
     model, device = run.export_model, run.accelerator.device
     model.eval()
     with rng_neutral(device):
-        metrics = validate(model, val, run.cfg, run.accelerator, step)
+        perceptual = run.objective.perceptual if run.objective is not None else None
+        metrics = validate(model, val, run.cfg, run.accelerator, step, perceptual)
         if with_images and run.accelerator.is_main_process:
             run.logger.log_images(image_grids(model, val, run.cfg, device), step, GRID_CAPTIONS)
     run.model.train()

@@ -1,13 +1,14 @@
-"""The training objective: reconstruction + weighted bottleneck terms."""
+"""Reconstruction + weighted bottleneck terms: the part of the objective every model has,
+and what validation computes (`val/loss`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import LossConfig
-from ..utils import PipelineError
-from .autoencoder import ModelOutput
+from ...config import LossConfig
+from ...utils import PipelineError
+from ..autoencoder import ModelOutput
 
 RECON_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
 
