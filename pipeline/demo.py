@@ -158,8 +158,10 @@ def export_diffusers(out: Path, checkpoint: Path, latents: Path) -> Path | None:
         return None
     record = export / EXPORT_RECORD_NAME
     if record.is_file():
-        source = read_json(record, "export record").get("checkpoint") or {}
-        if source.get("sha256") == sha256_file(checkpoint / WEIGHTS_NAME):
+        recorded = read_json(record, "export record")
+        source = recorded.get("checkpoint") if isinstance(recorded, dict) else None
+        if isinstance(source, dict) and source.get("sha256") == sha256_file(
+                checkpoint / WEIGHTS_NAME):
             print(f"complete: {export} already holds these weights; skipping")
             return export
     call("pipeline.export", [str(checkpoint), "--format", "diffusers", "--output", str(export),

@@ -130,6 +130,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, dumps_json(obj) + "\n")
 
 
+def record_once(path: str | os.PathLike, record: dict[str, Any], what: str,
+                fix: str) -> dict[str, Any] | None:
+    """A job's identity: written at `path` on first use (returns None), else the record
+    already there, a JSON object (a PipelineError naming `what`, the file and `fix`
+    otherwise), for the caller to compare with `record`."""
+    path = Path(path)
+    if not path.is_file():
+        atomic_write_json(path, record)
+        return None
+    old = read_json(path, what, fix)
+    if not isinstance(old, dict):
+        raise PipelineError(f"{what} {path} is not a JSON object; {fix}")
+    return old
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `final` by rename.

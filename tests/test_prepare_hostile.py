@@ -220,3 +220,19 @@ def test_listing_failures_are_in_every_part_and_once_after_merge(tmp_path, deadl
     assert len(failures_of(merged)) == 1
     assert json.loads((merged / "manifest.json").read_text()) == \
         json.loads((one / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("crafted", ["[]", '"options"', '{"options": 1, "input": NaN}',
+                                     '{"options": 1, "input": [2]}'])
+def test_a_crafted_job_record_is_refused_by_name(tmp_path, capsys, crafted):
+    root, out = tmp_path / "in", tmp_path / "out"
+    jpeg(class_dir(root) / "a.JPEG")
+    assert run(root, out) == 0
+    record = out / "train" / ".progress" / "job.json"
+    assert record.is_file()
+    record.write_text(crafted)
+    capsys.readouterr()
+    assert run_stage(prep.main, ["--input", str(root), "--output", str(out), "--workers", "1",
+                                 "--no-progress"]) == 2
+    message = capsys.readouterr().err
+    assert str(record) in message and "delete" in message and "Traceback" not in message

@@ -81,3 +81,21 @@ def test_output_errors_become_one_line_with_exit_2(capsys):
     assert run_stage(fails, []) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "/out/x.tar" in err and "free space" in err
+
+
+def test_record_once_writes_first_then_returns_what_is_there(tmp_path):
+    path = tmp_path / "progress" / "job.json"
+    assert utils.record_once(path, {"seed": 1}, "job record", "delete it") is None
+    assert json.loads(path.read_text()) == {"seed": 1}
+    assert utils.record_once(path, {"seed": 2}, "job record", "delete it") == {"seed": 1}
+    assert json.loads(path.read_text()) == {"seed": 1}  # never overwritten
+
+
+@pytest.mark.parametrize("text,reason", [("[1, 2]", "is not a JSON object"),
+                                          ('{"seed": NaN}', "NaN is not a JSON number"),
+                                          ("{", "Expecting")])
+def test_record_once_refuses_a_crafted_record_by_name(tmp_path, text, reason):
+    path = tmp_path / "job.json"
+    path.write_text(text)
+    with pytest.raises(utils.PipelineError, match=f"job record {path}.*{reason}.*delete it"):
+        utils.record_once(path, {"seed": 1}, "job record", "delete it")

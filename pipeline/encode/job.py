@@ -22,7 +22,7 @@ from ..data import LATENT_FORMAT, ShardSet
 from ..locking import Lock, acquire
 from ..prepare.job import PROGRESS_DIR, record_path, remove_stale_temp_files
 from ..shards import MANIFEST_NAME, shard_name, write_manifest
-from ..utils import PipelineError, atomic_write_json, provenance, sha256_file
+from ..utils import PipelineError, atomic_write_json, provenance, record_once, sha256_file
 from .source import SourceShard
 from .store import latent_statistics
 
@@ -83,16 +83,10 @@ def refuse_foreign_directory(split_dir: Path) -> None:
 
 def check_job_record(split_dir: Path, job: dict[str, Any]) -> None:
     """Write the job's identity on first use; refuse a re-run that would mix shards."""
-    path = split_dir / PROGRESS_DIR / JOB_RECORD
-    if not path.is_file():
-        atomic_write_json(path, job)
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"cannot read {path}: {e}; delete {split_dir} to start over") from e
+    old = record_once(split_dir / PROGRESS_DIR / JOB_RECORD, job, "job record",
+                      f"delete {split_dir} to start over")
     differences = [f"{name}: {old.get(name)!r} there, {value!r} now"
-                   for name, value in job.items() if old.get(name) != value]
+                   for name, value in job.items() if old.get(name) != value] if old else []
     if differences:
         raise PipelineError(f"{split_dir} holds latents of another job ({'; '.join(differences)})"
                             f": shards of different jobs are never mixed; use another "

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from ..inputs import ClassMap, Item, input_fingerprint
 from ..locking import Lock, OutputLocked, acquire, describe_holder, holder_of, mutex
 from ..shards import FAILURES_NAME, MANIFEST_NAME, shard_name
-from ..utils import PipelineError, atomic_write_json
+from ..utils import PipelineError, record_once
 from .options import OPTION_FLAGS, Options, job_options
 
 JOB_RECORD = "job.json"
@@ -172,13 +171,12 @@ def check_job_record(split_dir: Path, job: dict[str, Any]) -> None:
     path = split_dir / PROGRESS_DIR / JOB_RECORD
     if not path.is_file():
         refuse_unknown_contents(split_dir)
-        atomic_write_json(path, job)
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"cannot read {path}: {e}; delete {split_dir} to start over") from e
-    differences = describe_differences(old, job)
+    old = record_once(path, job, "job record", f"delete {split_dir} to start over")
+    if old is not None and not all(isinstance(old.get(k), dict) for k in ("options", "input")):
+        raise PipelineError(f"job record {path} has no 'options' and 'input' objects: it was "
+                            f"not written by `pipeline prepare`; delete {split_dir} to start "
+                            f"over")
+    differences = describe_differences(old, job) if old is not None else []
     if differences:
         raise PipelineError(
             f"{split_dir} holds shards made with different options ({'; '.join(differences)}); "
