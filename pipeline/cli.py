@@ -20,8 +20,8 @@ STAGES = {
     "decode": ("pipeline.decode", "PNG grid of the first latents of latent shards"),
     "report": ("pipeline.report", "HTML + Markdown comparison of evaluated checkpoints"),
     "export": ("pipeline.export", "a checkpoint as a diffusers AutoencoderKL / VQModel"),
-    "bench": ("pipeline.bench", "measure prepare / loader / model throughput"),
-    "demo": ("pipeline.demo", "sample -> prepare -> train x3 -> evaluate -> report"),
+    "bench": ("pipeline.bench", "measure prepare, loader, training, GPU throughput and quantiser quality"),
+    "demo": ("pipeline.demo", "sample -> prepare -> train -> evaluate -> encode + export -> report"),
 }
 
 
