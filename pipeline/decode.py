@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import add_config_arguments, build_config, config_fields, opt, require_declared
+from .config import add_config_arguments, build_config, flat_aliases, mark_required, opt, \
+    require_declared
 from .layout import LOCK_NAME
 from .utils import PipelineError, atomic_write_bytes, atomic_write_json, run_stage
 
@@ -44,8 +45,7 @@ class DecodeConfig:
             raise PipelineError(f"--output {output}: exists and is not a directory")
 
 
-FIELD_NAMES = tuple(name for name, _, _ in config_fields(DecodeConfig))
-ALIASES = {f"--{name.replace('_', '-')}": name for name in FIELD_NAMES if "_" in name}
+ALIASES = flat_aliases(DecodeConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", metavar="LATENT_SHARDS",
                    help="split directory written by `pipeline encode` (or its manifest.json)")
     add_config_arguments(p, ALIASES, cls=DecodeConfig, title="decoding options")
-    for action in p._actions:
-        if action.dest in ("checkpoint", "output"):
-            action.required = True
+    mark_required(p, ("checkpoint", "output"))
     return p
 
 

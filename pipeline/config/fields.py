@@ -363,6 +363,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, aliases: dict[str, str
                            help=f"{text} (default: {shown}{valid})".replace("%", "%%"))
 
 
+def flat_flag(name: str) -> str:
+    """How a user types field `name` of a flat stage config: `batch_size` -> `--batch-size`."""
+    return f"--{name.replace('_', '-')}"
+
+
+def flat_aliases(cls: type) -> dict[str, str]:
+    """The hyphenated spelling of every multi-word field of flat config class `cls`
+    (`--batch-size` for `batch_size`, beside `--batch_size`)."""
+    return {flat_flag(name): name for name, _, _ in config_fields(cls) if "_" in name}
+
+
+def mark_required(parser: argparse.ArgumentParser, dests: tuple[str, ...]) -> None:
+    """Make the options of `dests` required (argparse has no public way to mark an option
+    that add_config_arguments added)."""
+    for action in parser._actions:
+        if action.dest in dests:
+            action.required = True
+
+
 def build_config(preset: str | None, args: argparse.Namespace,
                  defaults: dict[str, Any] | None = None,
                  aliases: dict[str, str] | None = None, cls: type | None = None) -> Any:

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import SEED_MAX, add_config_arguments, build_config, config_fields, opt, \
-    require_declared
+from ..config import SEED_MAX, add_config_arguments, build_config, flat_aliases, \
+    mark_required, opt, require_declared
 from ..utils import PipelineError
 
 # What to store: the model's own latent (auto), or for a VAE its moments, mean or a draw.
@@ -57,8 +57,7 @@ class EncodeConfig:
             raise PipelineError(f"--output {output}: exists and is not a directory")
 
 
-FIELD_NAMES = tuple(name for name, _, _ in config_fields(EncodeConfig))
-ALIASES = {f"--{name.replace('_', '-')}": name for name in FIELD_NAMES if "_" in name}
+ALIASES = flat_aliases(EncodeConfig)
 REQUIRED = ("shards", "output")
 
 
@@ -74,9 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(RUN_DIR/checkpoints/step-<N>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_arguments(p, ALIASES, cls=EncodeConfig, title="encoding options")
-    for action in p._actions:  # argparse has no public way to mark an added option required
-        if action.dest in REQUIRED:
-            action.required = True
+    mark_required(p, REQUIRED)
     return p
 
 

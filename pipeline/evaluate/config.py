@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import metrics
-from ..config import (Bounds, add_config_arguments, build_config, config_fields, from_dict,
-                      opt, require_declared)
+from ..config import (Bounds, add_config_arguments, build_config, config_fields, flat_aliases,
+                      from_dict, mark_required, opt, require_declared)
+from ..config import flat_flag as flag  # the option as users have always typed it
 from ..utils import PipelineError
 
 DEFAULT_VAE_SIGMA = 0.05      # decoder std of the VAE likelihood, in [0, 1] pixel units
@@ -75,14 +76,9 @@ class EvaluateConfig:
             raise PipelineError(f"--output {output}: exists and is not a directory")
 
 
-def flag(name: str) -> str:
-    """The option as users have always typed it: `--batch-size` for field `batch_size`."""
-    return f"--{name.replace('_', '-')}"
-
-
 FIELD_NAMES = tuple(name for name, _, _ in config_fields(EvaluateConfig))
 # Today's hyphenated spellings (in users' scripts) -> the field they set.
-ALIASES = {flag(name): name for name in FIELD_NAMES if "_" in name}
+ALIASES = flat_aliases(EvaluateConfig)
 REQUIRED = ("shards", "output")
 
 
@@ -96,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export directory (RUN_DIR/model) or checkpoint directory "
                         "(RUN_DIR/checkpoints/step-<N>); several compare steps or runs")
     add_config_arguments(p, ALIASES, cls=EvaluateConfig, title="evaluation options")
-    for action in p._actions:  # argparse has no public way to mark an added option required
-        if action.dest in REQUIRED:
-            action.required = True
+    mark_required(p, REQUIRED)
     return p
 
 

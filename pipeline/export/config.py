@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..config import add_config_arguments, build_config, config_fields, opt, require_declared
+from ..config import add_config_arguments, build_config, flat_aliases, mark_required, opt, \
+    require_declared
+from ..config import flat_flag as flag
 from ..utils import PipelineError
 
 FORMATS = ("diffusers",)
@@ -57,12 +59,7 @@ class ExportConfig:
                 raise PipelineError(f"{flag(name)} must not be empty")
 
 
-def flag(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
-
-
-FIELD_NAMES = tuple(name for name, _, _ in config_fields(ExportConfig))
-ALIASES = {flag(name): name for name in FIELD_NAMES if "_" in name}
+ALIASES = flat_aliases(ExportConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Not a field: it decides what happens to an existing output, not what is exported.
     p.add_argument("--force", action="store_true",
                    help="replace an existing --output directory")
-    for action in p._actions:
-        if action.dest == "output":
-            action.required = True
+    mark_required(p, ("output",))
     return p
 
 
