@@ -58,3 +58,32 @@ def make_split(root: str | Path, split: str, num_samples: int, shard_size: int,
         "resize": {"policy": "center-crop"}, "classes": classes, "shards": shards,
     })
     return out
+
+
+TINY_SIZE = 8  # pixels a side of `tiny_image`
+
+
+def tiny_image(shard: int, index: int) -> np.ndarray:
+    """Distinct per sample and left-right asymmetric, so a flip always shows."""
+    base = np.arange(TINY_SIZE * TINY_SIZE * 3, dtype=np.uint8).reshape(TINY_SIZE, TINY_SIZE, 3)
+    return base + np.uint8((shard * 31 + index * 7) % 50)
+
+
+def write_counted_split(root: str | Path, counts, corrupt=frozenset()) -> Path:
+    """A train split of npy `tiny_image`s whose shard i holds counts[i] samples keyed
+    `s<i>n<j>`, with a manifest; keys in `corrupt` hold garbage instead of an image."""
+    split = Path(root) / ("counts-" + "-".join(map(str, counts)) + ("-bad" if corrupt else ""))
+    shards = []
+    for i, count in enumerate(counts):
+        samples = []
+        for j in range(count):
+            key = f"s{i}n{j}"
+            payload = b"not an npy file" if key in corrupt else encode(tiny_image(i, j), "npy")
+            samples.append((key, {"npy": payload, "cls": str((i + j) % 3).encode(),
+                                  "json": json.dumps({"wnid": "n0"}).encode()}))
+        shards.append(write_shard(split / shard_name("train", i), samples).to_dict())
+    write_manifest(split, {"format": MANIFEST_FORMAT, "split": "train",
+                           "num_samples": sum(counts), "image_size": TINY_SIZE,
+                           "image_format": "npy", "classes": ["n0", "n1", "n2"],
+                           "shards": shards})
+    return split

@@ -7,14 +7,12 @@ The epoch/resume properties run on in-memory caches of generated sizes; filling 
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -26,12 +24,11 @@ from pipeline import train
 from pipeline.data import (CachedLoader, ImageCache, ShardWarning, fill_cache, make_cached_loader,
                            make_eval_loader, plan_cache)
 from pipeline.data import cache as cache_module
-from pipeline.shards import MANIFEST_FORMAT, shard_name, write_manifest, write_shard
 from pipeline.tracking import read_history
 from pipeline.train import loop as train_loop
 from pipeline.utils import PipelineError
+from shardgen import TINY_SIZE as SIZE, tiny_image, write_counted_split
 
-SIZE = 8
 PROPERTY = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
@@ -41,37 +38,6 @@ PROPERTY = settings(max_examples=150, deadline=None, database=None,
 def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-
-
-def tiny_image(shard: int, index: int) -> np.ndarray:
-    """Distinct per sample and left-right asymmetric, so a flip always shows."""
-    base = np.arange(SIZE * SIZE * 3, dtype=np.uint8).reshape(SIZE, SIZE, 3)
-    return base + np.uint8((shard * 31 + index * 7) % 50)
-
-
-def npy_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, image)
-    return buffer.getvalue()
-
-
-def write_split(root: Path, counts: Sequence[int], corrupt: set[str] = frozenset()) -> Path:
-    """Shard i holds counts[i] samples keyed `s<i>n<j>`; keys in `corrupt` hold garbage."""
-    split = root / ("split-" + "-".join(map(str, counts)) + ("-bad" if corrupt else ""))
-    shards = []
-    for i, count in enumerate(counts):
-        samples = []
-        for j in range(count):
-            key = f"s{i}n{j}"
-            payload = b"not an npy file" if key in corrupt else npy_bytes(tiny_image(i, j))
-            samples.append((key, {"npy": payload, "cls": str((i + j) % 3).encode(),
-                                  "json": json.dumps({"wnid": "n0"}).encode()}))
-        shards.append(write_shard(split / shard_name("train", i), samples).to_dict())
-    write_manifest(split, {"format": MANIFEST_FORMAT, "split": "train",
-                           "num_samples": sum(counts), "image_size": SIZE,
-                           "image_format": "npy", "classes": ["n0", "n1", "n2"],
-                           "shards": shards})
-    return split
 
 
 def all_keys(counts: Sequence[int]) -> list[str]:
@@ -170,7 +136,7 @@ def test_fill_reads_each_rank_part_once_whatever_the_workers(tmp_path, world_siz
     """Over all ranks every sample is cached exactly once, its pixels and label as the
     eval loader decodes them; 0 and 2 workers fill identical caches."""
     counts = [7, 0, 12, 5]
-    split = write_split(tmp_path, counts)
+    split = write_counted_split(tmp_path, counts)
     reference = {}
     for images, labels, keys in make_eval_loader(split, 64, num_workers=0):
         reference.update({k: (img.permute(1, 2, 0), int(lab))
@@ -188,7 +154,7 @@ def test_fill_reads_each_rank_part_once_whatever_the_workers(tmp_path, world_siz
 
 
 def test_corrupt_samples_are_skipped_counted_and_left_out(tmp_path):
-    split = write_split(tmp_path, [6, 6], corrupt={"s0n2", "s1n5"})
+    split = write_counted_split(tmp_path, [6, 6], corrupt={"s0n2", "s1n5"})
     with pytest.warns(ShardWarning):
         cache = fill_cache(plan_cache(split, "host", "cpu", rank=0, world_size=1), 0,
                            progress=False)
@@ -201,7 +167,7 @@ def test_corrupt_samples_are_skipped_counted_and_left_out(tmp_path):
 
 
 def test_refused_before_reading_when_it_does_not_fit(tmp_path, monkeypatch):
-    split = write_split(tmp_path, [10, 10])
+    split = write_counted_split(tmp_path, [10, 10])
     decoded = []
     real_decode = data.decode_image
     monkeypatch.setattr(data, "decode_image", lambda m: decoded.append(1) or real_decode(m))
@@ -214,7 +180,7 @@ def test_refused_before_reading_when_it_does_not_fit(tmp_path, monkeypatch):
 
 
 def test_gpu_cache_without_cuda_and_latent_shards_are_refused(tmp_path):
-    split = write_split(tmp_path, [4])
+    split = write_counted_split(tmp_path, [4])
     with pytest.raises(PipelineError, match="--data.cache gpu .* runs on cpu: use "
                                             "--data.cache host"):
         plan_cache(split, "gpu", "cpu")
@@ -253,7 +219,7 @@ def test_resumed_cached_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     monkeypatch.setattr(train_loop, "fill_cache",
                         lambda plan, *a, **k: fills.append(plan.num_samples) or
                         real_fill(plan, *a, **k))
-    train_split, val_split = write_split(tmp_path, [13, 17]), write_split(tmp_path, [9])
+    train_split, val_split = write_counted_split(tmp_path, [13, 17]), write_counted_split(tmp_path, [9])
     extra = ["--data.flip", "true", "--num-workers", "2", "--ckpt-every", "4",
              "--log-every", "1", "--keep-last", "3", "--data.val_samples", "9"]
     whole = tmp_path / "whole"

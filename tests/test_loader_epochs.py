@@ -8,7 +8,6 @@ under torchrun. Shards are tiny 8x8 npy samples so hundreds of examples stay fas
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import random
@@ -24,10 +23,9 @@ from hypothesis import strategies as st
 
 import pipeline.data as data
 from pipeline.data import make_loader, stream_segments
-from pipeline.shards import MANIFEST_FORMAT, shard_name, write_manifest, write_shard
 from pipeline.utils import PipelineError
+from shardgen import write_counted_split
 
-SIZE = 8  # pixels a side
 PROPERTY = settings(max_examples=200, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -35,35 +33,6 @@ shard_counts = st.lists(st.integers(0, 12), min_size=1, max_size=8)
 ranks = st.integers(1, 2)
 workers = st.integers(0, 4)
 batch_sizes = st.integers(1, 5)
-
-
-def tiny_image(shard: int, index: int) -> np.ndarray:
-    """Left-right asymmetric (a flip always shows) and distinct per sample."""
-    base = np.arange(SIZE * SIZE * 3, dtype=np.uint8).reshape(SIZE, SIZE, 3)
-    return base + np.uint8((shard * 31 + index * 7) % 50)
-
-
-def npy_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, image)
-    return buffer.getvalue()
-
-
-def write_tiny_split(root: Path, counts: Sequence[int]) -> Path:
-    """Shard i holds counts[i] samples keyed `s<i>n<j>`, with a manifest."""
-    split = root / ("counts-" + "-".join(map(str, counts)))
-    shards = []
-    for i, count in enumerate(counts):
-        samples = [(f"s{i}n{j}", {"npy": npy_bytes(tiny_image(i, j)),
-                                  "cls": str((i + j) % 3).encode(),
-                                  "json": json.dumps({"wnid": "n0"}).encode()})
-                   for j in range(count)]
-        shards.append(write_shard(split / shard_name("train", i), samples).to_dict())
-    write_manifest(split, {"format": MANIFEST_FORMAT, "split": "train",
-                           "num_samples": sum(counts), "image_size": SIZE,
-                           "image_format": "npy", "classes": ["n0", "n1", "n2"],
-                           "shards": shards})
-    return split
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +43,7 @@ def tiny_splits(tmp_path_factory):
     def split_for(counts: Sequence[int]) -> Path:
         key = tuple(counts)
         if key not in made:
-            made[key] = write_tiny_split(root, key)
+            made[key] = write_counted_split(root, key)
         return made[key]
     return split_for
 
@@ -359,7 +328,7 @@ def test_a_stream_whose_share_is_unreadable_raises_instead_of_hanging(tmp_path):
     [0, 5) reads fine; rank 1's share [5, 10) is gone every epoch (its 5 samples counted
     lost, the 5 before its start read but not its loss), so it raises after 2S epochs
     instead of leaving rank 0 waiting forever."""
-    split = write_tiny_split(tmp_path, (5,))
+    split = write_counted_split(tmp_path, (5,))
     manifest = json.loads((split / "manifest.json").read_text())
     manifest["shards"][0]["num_samples"] = manifest["num_samples"] = 10
     (split / "manifest.json").write_text(json.dumps(manifest))
