@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from modelgen import tiny_model_config
 from pipeline.cli import main as cli_main
-from pipeline.export import LatentSums, main as export_main
+from pipeline.encode.store import LatentSums, latent_statistics
+from pipeline.export import main as export_main
 from pipeline.locking import acquire
 from pipeline.models import build_model, save_pretrained
 from pipeline.utils import PipelineError, sha256_file
@@ -134,11 +135,11 @@ def test_latent_sums_give_the_statistics_of_the_whole_whatever_the_batches(data,
     seed = data.draw(st.integers(0, 2 ** 16))
     z = torch.randn(total, channels, side, side, generator=torch.Generator().manual_seed(seed))
     z = z * 3 + 1.5
-    sums = LatentSums()
+    sums = LatentSums(channels)
     for part in torch.tensor_split(z, cuts):
         sums.add(part)
-    stats, whole = sums.statistics(), z.double().numpy()
-    assert sums.images == total
+    stats, whole = latent_statistics([sums.to_record()]), z.double().numpy()
+    assert stats["count"] == total * channels * side * side
     assert stats["mean"] == pytest.approx(whole.mean(), rel=1e-9, abs=1e-12)
     assert stats["std"] == pytest.approx(whole.std(), rel=1e-9)
     assert stats["channel_mean"] == pytest.approx(whole.mean((0, 2, 3)).tolist(), rel=1e-9,

@@ -13,9 +13,9 @@ check against this package's model). One concern per module:
 from .cli import (CHECK_TOLERANCE, EXPORT_RECORD_NAME, check_export, check_output,
                   find_scaling, lock_output, main, write_export)
 from .config import ALIASES, FORMATS, ExportConfig, build_parser, resolve_config
-from .scaling import LatentSums, Scaling, from_latents, from_shards, recorded_weights_sha256
+from .scaling import Scaling, from_latents, from_shards, recorded_weights_sha256
 
 __all__ = ["ALIASES", "CHECK_TOLERANCE", "EXPORT_RECORD_NAME", "ExportConfig", "FORMATS",
-           "LatentSums", "Scaling", "build_parser", "check_export", "check_output",
+           "Scaling", "build_parser", "check_export", "check_output",
            "find_scaling", "from_latents", "from_shards", "lock_output", "main",
            "recorded_weights_sha256", "resolve_config", "write_export"]

@@ -4,7 +4,8 @@ Diffusion trainers multiply latents by `scaling_factor` (after subtracting `shif
 so they have unit variance: SD's 0.18215, SD3's shift. One definition everywhere, the one
 `pipeline encode` records: over every element of the latent that the exported model's
 `encode` gives (the VAE's posterior mean; a VQ model's encoder output), in float64 from
-per-channel sums, count and sum of squares, `shift_factor` = the mean m and
+per-channel sums, count and sum of squares (`pipeline.encode.store.LatentSums`, reduced by
+its `latent_statistics`), `shift_factor` = the mean m and
 `scaling_factor` = 1 / std, with the population variance E[z²] − m².
 
 Sources, exactly one per export: `--scaling-factor` (as given), `--latents` (the manifest of
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..encode.store import LatentSums, latent_statistics
 from ..shards import manifest_path
 from ..utils import PipelineError, read_json
 
@@ -31,39 +33,6 @@ class Scaling:
     scaling_factor: float
     shift_factor: float | None
     source: dict[str, Any] = field(default_factory=dict)   # how it was found (export.json)
-
-
-class LatentSums:
-    """Per-channel float64 sums of a latent set, added batch by batch."""
-
-    def __init__(self) -> None:
-        self.sums = self.squares = self.counts = None
-        self.images = 0
-
-    def add(self, latents: Tensor) -> None:
-        z = latents.detach().double()
-        sums, squares = z.sum((0, 2, 3)).cpu(), z.pow(2).sum((0, 2, 3)).cpu()
-        count = torch.full_like(sums, z.shape[0] * z.shape[2] * z.shape[3])
-        self.images += z.shape[0]
-        if self.sums is None:
-            self.sums, self.squares, self.counts = sums, squares, count
-        else:
-            self.sums += sums
-            self.squares += squares
-            self.counts += count
-
-    def statistics(self) -> dict[str, Any]:
-        """`latent_stats` as `pipeline encode` names them: channel_mean, channel_std, mean,
-        std (population variance, float64)."""
-        if self.sums is None:
-            raise PipelineError("no latent was measured: the shards hold no sample")
-        channel_mean = self.sums / self.counts
-        channel_var = (self.squares / self.counts - channel_mean ** 2).clamp_min(0)
-        total = float(self.counts.sum())
-        mean = float(self.sums.sum()) / total
-        var = max(float(self.squares.sum()) / total - mean ** 2, 0.0)
-        return {"channel_mean": channel_mean.tolist(), "channel_std": channel_var.sqrt().tolist(),
-                "mean": mean, "std": math.sqrt(var)}
 
 
 def from_statistics(stats: dict[str, Any], source: dict[str, Any]) -> Scaling:
@@ -133,14 +102,21 @@ def from_shards(model: torch.nn.Module, latent: Callable[[Tensor], Tensor], spec
     loader = make_eval_loader(spec, batch_size, num_workers, rank=0, world_size=1,
                               max_samples=max_samples, allow_pipe=allow_pipe)
     total = max_samples if max_samples is not None else shards.total
-    sums = LatentSums()
+    sums, samples = None, 0
     with torch.inference_mode(), tqdm(total=total, unit="img", desc="scaling factor",
                                       disable=None) as bar:
         for batch in loader:
             images = _checked_images(batch[0], spec, model.config)
-            sums.add(latent(normalize(images.to(device))))
+            z = latent(normalize(images.to(device)))
+            if sums is None:
+                sums = LatentSums(z.shape[1], z.device)
+            sums.add(z)
+            samples += len(images)
             bar.update(len(images))
-    return from_statistics(sums.statistics(), {**source, "samples": sums.images})
+    stats = latent_statistics([sums.to_record()]) if sums is not None else None
+    if stats is None:
+        raise PipelineError(f"no latent was measured: the shards {spec} hold no sample")
+    return from_statistics(stats, {**source, "samples": samples})
 
 
 def _checked_images(images: Tensor, spec: str, cfg) -> Tensor:
