@@ -23,7 +23,7 @@ from .epochs import (Segment, check_streams, count_samples, epoch_order, stream_
                      stream_share)
 from .handover import BUFFER_SLOTS, PREFETCH, ShardLoader
 from .latents import (LATENT_FORMAT, LATENT_MEMBERS, LatentFormat, latent_format,
-                      sample_moments)
+                      latent_format_of, sample_moments)
 from .loader import (MODES, ON_ERROR, SAMPLING, make_eval_loader, make_loader,
                      make_train_loader, normalize)
 from .spec import READ_BUFFER, ShardSet, ShardWarning, Spec, open_shard, resolve_spec
@@ -44,4 +44,5 @@ __all__ = ["BUFFER_SLOTS", "CachePlan", "CachedLoader", "EvalStream", "ImageCach
            "check_streams", "count_samples", "decode_image", "epoch_order", "fill_cache",
            "make_cached_loader", "make_eval_loader", "plan_cache",
            "make_loader", "make_train_loader", "normalize", "open_shard", "resolve_spec",
-           "stream_segments", "stream_share", "latent_format", "npy_array", "sample_moments"]
+           "stream_segments", "stream_share", "latent_format", "latent_format_of", "npy_array",
+           "sample_moments"]

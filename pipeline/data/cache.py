@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -44,11 +43,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..shards import MANIFEST_NAME
 from ..utils import PipelineError
 from .epochs import Segment, check_streams, count_samples, stream_segments, stream_share
 from .handover import PREFETCH, _identity, _WorkerReport
-from .latents import latent_format
+from .latents import latent_format_of
 from .loader import _distributed_position
 from .spec import ShardSet, Spec, resolve_spec
 from .stream import ShardReader
@@ -139,7 +137,7 @@ def plan_cache(spec: Spec, place: str, device: torch.device | str | None = None,
         raise PipelineError(f"--data.cache gpu keeps the train images on the GPU, but this "
                             f"process runs on {device.type}: use --data.cache host (or none)")
     shards = resolve_spec(spec, allow_pipe)
-    if latent_format(shards.manifest, Path(shards.urls[0]).parent / MANIFEST_NAME) is not None:
+    if latent_format_of(shards) is not None:
         raise PipelineError(f"--data.cache holds images, but {spec!r} holds the latents of "
                             f"`pipeline encode`: train on image shards, or --data.cache none")
     rank, world_size = _distributed_position(rank, world_size)

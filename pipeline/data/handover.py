@@ -136,7 +136,6 @@ class ShardLoader:
         self.manifest = dataset.shards.manifest
         self.image_size = dataset.image_size
         self.latent = dataset.latent
-        self._rows_of_pixels = dataset.latent is None  # images: B x H x W x 3 in memory
         self.expected_total = dataset.expected_total()
         self.num_seen = 0
         self.num_skipped = 0
@@ -191,7 +190,7 @@ class ShardLoader:
             self._yielded += 1
             # B x H x W x 3 rows -> B x 3 x H x W, channels-last: no copy on the host.
             # Latents are stacked as stored (B x C x h x w): nothing to lay out.
-            if self._rows_of_pixels:
+            if self.latent is None:  # images: B x H x W x 3 rows in memory
                 images = images.permute(0, 3, 1, 2)
             yield images, torch.from_numpy(item.labels), item.keys
 

@@ -13,13 +13,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..layout import LATENT_FORMAT
+from ..shards import MANIFEST_NAME
 from ..utils import PipelineError
+
+if TYPE_CHECKING:
+    from .spec import ShardSet
 
 # kind -> the member each sample stores it in (`<key>.<member>`)
 LATENT_MEMBERS = {"latent": "latent.npy", "moments": "moments.npy", "codes": "codes.npy"}
@@ -65,6 +69,12 @@ def latent_format(manifest: dict[str, Any] | None, where: str | Path) -> LatentF
                             f"one of {sorted(STORED_DTYPES[kind])}: re-run `pipeline encode`")
     batch = torch.from_numpy(np.empty(0, STORED_DTYPES[kind][dtype])).dtype
     return LatentFormat(kind, member, tuple(shape), np.dtype(dtype), batch)
+
+
+def latent_format_of(shards: "ShardSet") -> LatentFormat | None:
+    """The latent format of a resolved shard set, from its manifest (beside its first
+    shard); None for image shards or shards without a manifest."""
+    return latent_format(shards.manifest, Path(shards.urls[0]).parent / MANIFEST_NAME)
 
 
 def sample_moments(moments: torch.Tensor, generator: torch.Generator | None = None

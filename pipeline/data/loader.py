@@ -9,7 +9,6 @@ stream a second time). Rank and world size are passed in or read from
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,8 +17,8 @@ from ..shards import MANIFEST_NAME
 from ..utils import PipelineError
 from .epochs import check_streams
 from .handover import ShardLoader
-from .latents import LatentFormat, latent_format
-from .spec import ShardSet, Spec, resolve_spec
+from .latents import latent_format_of
+from .spec import Spec, resolve_spec
 from .stream import EvalStream, TrainStream
 
 MODES = ("train", "eval")
@@ -79,7 +78,7 @@ def make_train_loader(spec: Spec, batch_size: int, num_workers: int = 2, seed: i
                    interleave=interleave, batch_size=batch_size, num_workers=num_workers,
                    start_batch=start_batch, shuffle_buffer=shuffle_buffer)
     shards = resolve_spec(spec, allow_pipe)
-    latent = _latent_format(shards)
+    latent = latent_format_of(shards)
     if flip and latent is not None:
         raise PipelineError(f"make_train_loader: flip=True mirrors images, but {spec!r} holds "
                             f"latents (a mirrored image's latent is not the mirrored latent): "
@@ -114,13 +113,8 @@ def make_eval_loader(spec: Spec, batch_size: int, num_workers: int = 2,
     dataset = EvalStream(shards=shards, batch_size=batch_size, rank=rank,
                          world_size=world_size, on_error=on_error,
                          image_size=shards.manifest.get("image_size") if shards.manifest else None,
-                         latent=_latent_format(shards), max_samples=max_samples)
+                         latent=latent_format_of(shards), max_samples=max_samples)
     return ShardLoader(dataset, num_workers)
-
-
-def _latent_format(shards: ShardSet) -> LatentFormat | None:
-    """Latent shards say so in their manifest; shards without one are read as images."""
-    return latent_format(shards.manifest, Path(shards.urls[0]).parent / MANIFEST_NAME)
 
 
 def make_loader(spec: Spec, batch_size: int, mode: str = "train", num_workers: int = 2,

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..checkpoint import on_main_process
 from ..config import to_yaml
-from ..data import ShardSet, latent_format, resolve_spec
+from ..data import ShardSet, latent_format_of, resolve_spec
 from ..locking import Lock
 from ..prepare.job import PROGRESS_DIR
 from ..shards import DuplicateKeyError, ShardWriter, manifest_path, shard_name
@@ -116,7 +116,7 @@ def check_source(shards: ShardSet, model, spec: str) -> None:
     if manifest is None:
         return
     where = manifest_path(Path(shards.urls[0]).parent)
-    if latent_format(manifest, where) is not None:
+    if latent_format_of(shards) is not None:
         raise PipelineError(f"--shards {spec}: these are latent shards already ({where}); "
                             f"encode the image split they were made from")
     size, expected = manifest["image_size"], model.config.image_size
