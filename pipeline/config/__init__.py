@@ -8,8 +8,9 @@ prepare` imports it). Public names stay importable from here.
 from .fields import (Bounds, FieldValueError, OptionName, Rule, add_config_arguments,
                      build_config, config_fields, current_names, element_type, field_problem,
                      field_problems, flat_aliases, flat_flag, format_value, from_dict,
-                     get_dotted, list_presets, load_preset, mark_required, merge, opt, renamed_options, require_declared, sections,
-                     set_dotted, to_yaml, undeclared_fields, unwrap_optional, validate)
+                     get_dotted, list_presets, load_preset, mark_required, merge, opt,
+                     renamed_options, require_declared, sections, set_dotted, to_yaml,
+                     undeclared_fields, unwrap_optional, validate)
 from .model import (ARCH_PARTS, MODEL_PARTS, QUANTIZER_PARTS, Part, parts_of, preset_for,
                     weight_fields)
 from .sections import (ALIASES, ARCHS, MODELS, QUANTIZERS, SAMPLINGS, SEED_MAX, Config,
