@@ -32,3 +32,20 @@ def sample_shards(tmp_path_factory):
     assert prepare_main(["--input", str(root / "tree"), "--output", str(out), "--workers", "1",
                          "--shard-size", "100", "--no-progress"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def alex_files(tmp_path_factory):
+    """Randomly initialised AlexNet features and LPIPS linear layers, in the formats
+    `--loss.lpips_backbone` / `--loss.lpips_linear` accept (nothing is downloaded)."""
+    import torch
+
+    from pipeline.models.lpips import LPIPS_NETS, write_random_backbone
+
+    root = tmp_path_factory.mktemp("lpips_standins")
+    torch.manual_seed(0)
+    backbone = write_random_backbone(root / "alexnet.pth", "alex", seed=0)
+    linear = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1)
+              for i, c in enumerate(LPIPS_NETS["alex"][1])}
+    torch.save(linear, root / "alex.pth")
+    return backbone, root / "alex.pth"

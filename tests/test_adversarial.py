@@ -26,7 +26,6 @@ from pipeline import demo, train
 from pipeline.config import load_preset
 from pipeline.models import build_discriminator, build_model, from_pretrained
 from pipeline.models.discriminator import PatchDiscriminator, output_side, receptive_field
-from pipeline.models.lpips import LPIPS_NETS
 from pipeline.tracking import read_history
 from pipeline.train.loop import step_together
 from pipeline.utils import PipelineError
@@ -97,19 +96,6 @@ def test_groupnorm_judges_each_image_alone_batchnorm_does_not():
 
 
 # ---------------------------------------------------------------- in the trainer
-
-@pytest.fixture(scope="module")
-def alex_files(tmp_path_factory):
-    import torchvision
-
-    root = tmp_path_factory.mktemp("lpips_standins")
-    torch.manual_seed(0)
-    backbone = torchvision.models.alexnet(weights=None).features.state_dict()
-    torch.save({f"features.{k}": v for k, v in backbone.items()}, root / "alexnet.pth")
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1)
-                for i, c in enumerate(LPIPS_NETS["alex"][1])}, root / "alex.pth")
-    return root / "alexnet.pth", root / "alex.pth"
-
 
 DISC_START = 3
 STEPS = 6

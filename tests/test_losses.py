@@ -31,21 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def alex_files(tmp_path_factory):
-    """Randomly initialised AlexNet features and linear layers in the accepted formats."""
-    import torchvision
-
-    root = tmp_path_factory.mktemp("lpips_standins")
-    torch.manual_seed(0)
-    backbone = torchvision.models.alexnet(weights=None).features.state_dict()
-    torch.save({f"features.{k}": v for k, v in backbone.items()}, root / "alexnet.pth")
-    linear = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1)
-              for i, c in enumerate(LPIPS_NETS["alex"][1])}
-    torch.save(linear, root / "alex.pth")
-    return root / "alexnet.pth", root / "alex.pth"
-
-
 def perceptual_config(backbone, linear, **extra) -> LossConfig:
     return LossConfig(perceptual_weight=1.0, lpips_net="alex", lpips_backbone=str(backbone),
                       lpips_linear=None if linear is None else str(linear), **extra)

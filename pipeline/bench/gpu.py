@@ -169,22 +169,12 @@ def bench_config(model: BenchModel, sizes: Sizes, device: torch.device, tiny: bo
     if cfg.loss.perceptual_weight > 0:
         backbone = root / f"{cfg.loss.lpips_net}-stand-in.pth"
         if not backbone.exists():
-            write_lpips_stand_in(backbone, cfg.loss.lpips_net)
+            from pipeline.models.lpips import write_random_backbone
+
+            write_random_backbone(backbone, cfg.loss.lpips_net)
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(
             cfg.loss, lpips_backbone=str(backbone)))
     return cfg
-
-
-def write_lpips_stand_in(path: Path, net: str) -> None:
-    """A randomly initialised torchvision backbone's `features.*` (seed 0): LPIPS through
-    it costs what the real network costs, and nothing is downloaded."""
-    import torchvision
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        backbone = {"vgg": torchvision.models.vgg16, "alex": torchvision.models.alexnet}[net]
-        features = backbone(weights=None).features.state_dict()
-    torch.save({f"features.{k}": v for k, v in features.items()}, path)
 
 
 # ---------------------------------------------------------------- one run

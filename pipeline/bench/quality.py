@@ -143,21 +143,6 @@ def prepare_sample(root: Path, args: argparse.Namespace) -> Path:
     return shards
 
 
-def write_lpips_stand_in(folder: Path) -> Path:
-    """A randomly initialised AlexNet's `features.*` in torchvision's state-dict format:
-    LPIPS with it is a fixed random feature distance, the same for every variant."""
-    import torch
-    import torchvision
-
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    backbone = torchvision.models.alexnet(weights=None).state_dict()
-    torch.random.set_rng_state(generator_state)
-    path = folder / "alexnet-stand-in.pth"
-    torch.save({k: v for k, v in backbone.items() if k.startswith("features.")}, path)
-    return path
-
-
 def train_variant(name: str, args: argparse.Namespace, shards: Path, runs: Path) -> Path:
     from pipeline.train import main as train_main
 
@@ -219,9 +204,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace, names: list[str], root: Path) -> dict[str, Any]:
+    from pipeline.models.lpips import write_random_backbone
+
     started = time.perf_counter()
     shards = Path(args.shards) if args.shards else prepare_sample(root, args)
-    lpips = write_lpips_stand_in(root)
+    lpips = write_random_backbone(root / "alexnet-stand-in.pth", "alex")
     run_dirs = {name: train_variant(name, args, shards, root / "runs") for name in names}
     evaluate_runs(run_dirs, shards, root / "eval", lpips)
     rows = [result_row(name, run_dirs[name], root / "eval", args.steps) for name in names]

@@ -119,6 +119,21 @@ def load_linear_layers(lpips: nn.Module, path: str | Path, net: str, option: str
                            for i in range(len(channels))}, strict=False)
 
 
+def write_random_backbone(path: str | Path, net: str = "alex", seed: int = 0) -> Path:
+    """A randomly initialised torchvision `net` backbone (seeded; the caller's RNG is left
+    as it was) saved at `path` in the format `load_backbone` reads (`features.*`): LPIPS
+    through it costs what the real network costs and ranks by one fixed random feature
+    distance, with nothing downloaded (benchmarks, tests)."""
+    import torchvision
+
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # manual_seed seeds the GPUs too
+        torch.manual_seed(seed)
+        features = getattr(torchvision.models, LPIPS_NETS[net][0])(weights=None).features
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return Path(path)
+
+
 def load_backbone(lpips: nn.Module, path: str | Path, net: str, option: str) -> None:
     import torchvision
 
